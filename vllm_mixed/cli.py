@@ -1,0 +1,99 @@
+"""The ``vllm-mixed`` command. Bad input exits with status 2 and one message
+naming the culprit; ``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+
+from vllm_mixed.errors import MixedError
+
+__all__ = ["main"]
+
+
+def human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[int] | None = None) -> str:
+    right = right or set()
+    cells = [[str(c) for c in r] for r in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths), *(fmt(r) for r in cells[1:])])
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vllm_mixed.plan import build_plan, open_sources, plan_summary, pure_plan
+    from vllm_mixed.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    sources = open_sources(recipe)
+    plan = build_plan(recipe, sources)
+    pure = {name: pure_plan(recipe, sources, name) for name in sources}
+    summary = plan_summary(plan, pure)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"recipe {args.recipe}: {len(plan.layers)} layers, {summary['tensors']} tensors, base {recipe.base!r}, dtype {recipe.dtype}")
+    print(table(["source", "format", "path"], [(n, s.format, s.path) for n, s in sources.items()]))
+    print()
+    rows = [(g["group"], g["source"], g["format"], g["precision"], g["layers"], g["bytes"], human(g["bytes"])) for g in summary["groups"]]
+    print(table(["group", "source", "format", "precision", "layers", "bytes", ""], rows, right={4, 5, 6}))
+    print()
+    prec = [(p, b, human(b)) for p, b in sorted(summary["bytes_by_precision"].items())]
+    prec.append(("total", plan.total_bytes, human(plan.total_bytes)))
+    print(table(["precision", "bytes", ""], prec, right={1, 2}))
+    print()
+    vs = [(n, b, human(b), f"{plan.total_bytes / b:.3f}" if b else "-") for n, b in summary["pure_sources"].items()]
+    print(table(["all from source", "bytes", "", "this recipe / it"], vs, right={1, 2, 3}))
+    for rule in summary["unused_rules"]:
+        print(f"warning: rule {rule['index']} (targets {rule['targets']} -> {rule['source']}) matches no layer", file=sys.stderr)
+    print("note: on the CPU build quantized layers are dequantized to the model dtype at load (memory = the bf16 footprint).")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from vllm_mixed.tiny import make_tiny
+
+    dirs = make_tiny(args.dir, seed=args.seed)
+    for name, path in dirs.items():
+        print(f"{name:10s} {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-mixed", description="Serve one model composed layer by layer from several checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="validate a recipe against its checkpoints and print the load plan")
+    p.add_argument("recipe")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("make-tiny", help="write a tiny random Qwen3-MoE in the three published formats plus a recipe")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MixedError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"vllm-mixed: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""GPTQ int4 in the v1 checkpoint layout (AutoGPTQ / GPTQModel, read by
+vLLM's gptq_marlin path).
+
+Per quantized linear with K inputs, N outputs and group size g:
+``qweight`` int32 [K/8, N] (eight 4-bit values along K, lowest nibble first),
+``qzeros`` int32 [K/g, N/8] (packed along N), ``scales`` fp16 [K/g, N],
+``g_idx`` int32 [K]. The v1 layout stores the zero point minus one, so a
+symmetric checkpoint's qzeros words are all 0x77777777 (zero point 8).
+real weight[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vllm_mixed.formats.base import TensorSpec
+
+__all__ = ["GPTQ_INT4", "pack_int4", "unpack_int4"]
+
+BITS = 4
+PER_WORD = 32 // BITS  # 8
+MAXQ = 2**BITS - 1  # 15
+
+
+def pack_int4(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Pack 4-bit values (0..15) eight to an int32 word along ``dim``
+    (value j of a word in bits 4j..4j+3)."""
+    v = values.to(torch.int64).movedim(dim, -1)
+    if v.shape[-1] % PER_WORD:
+        raise ValueError(f"cannot pack {v.shape[-1]} values eight to a word")
+    if v.numel() and (v.min() < 0 or v.max() > MAXQ):
+        raise ValueError("int4 values must lie in 0..15")
+    v = v.reshape(*v.shape[:-1], -1, PER_WORD)
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
+    words = (v << shifts).sum(dim=-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
+    return words.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def unpack_int4(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int32 words -> int64 values 0..15."""
+    w = words.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
+    v = (w.unsqueeze(-1) >> shifts) & MAXQ
+    return v.reshape(*w.shape[:-1], -1).movedim(-1, dim)
+
+
+def _group(quant_config: dict[str, Any] | None) -> int:
+    return int((quant_config or {}).get("group_size", 128))
+
+
+class GptqInt4:
+    name = "gptq_int4"
+
+    def precision(self, quant_config: dict[str, Any] | None) -> str:
+        return f"int4-g{_group(quant_config)}"
+
+    def specs(self, out_features: int, in_features: int, quant_config: dict[str, Any] | None) -> dict[str, TensorSpec]:
+        g = _group(quant_config)
+        k, n = in_features, out_features
+        return {
+            "qweight": TensorSpec(("I32",), (k // PER_WORD, n)),
+            "qzeros": TensorSpec(("I32",), (k // g, n // PER_WORD)),
+            "scales": TensorSpec(("F16", "BF16"), (k // g, n)),
+            "g_idx": TensorSpec(("I32",), (k,)),
+        }
+
+    def quantize(self, weight: torch.Tensor, quant_config: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+        """Round-to-nearest GPTQ packing (no calibration); symmetric unless the
+        config says ``sym: false``. Scales are rounded to fp16 first so the
+        stored tensors dequantize exactly to what the reference computes."""
+        g = _group(quant_config)
+        sym = (quant_config or {}).get("sym", True)
+        n, k = weight.shape
+        if k % g or k % PER_WORD or n % PER_WORD:
+            raise ValueError(f"GPTQ needs in_features % {g} == 0 and dims % 8 == 0, got [{n}, {k}]")
+        w = weight.to(torch.float64).t().reshape(k // g, g, n)  # [groups, g, N]
+        if sym:
+            amax = w.abs().amax(dim=1).clamp(min=1e-8)
+            scale = (2 * amax / MAXQ).to(torch.float16)
+            zero = torch.full_like(amax, 8, dtype=torch.int64)
+        else:
+            lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+            scale = ((hi - lo).clamp(min=1e-8) / MAXQ).to(torch.float16)
+            zero = torch.round(-lo / scale.to(torch.float64)).clamp(1, MAXQ).to(torch.int64)
+        s64 = scale.to(torch.float64)
+        q = torch.round(w / s64.unsqueeze(1)) + zero.unsqueeze(1)
+        q = q.clamp(0, MAXQ).to(torch.int64).reshape(k, n)
+        return {
+            "qweight": pack_int4(q, dim=0),
+            "qzeros": pack_int4(zero - 1, dim=1),  # v1 layout stores zero - 1
+            "scales": scale.contiguous(),
+            "g_idx": (torch.arange(k) // g).to(torch.int32),
+        }
+
+    def dequantize(
+        self, tensors: dict[str, torch.Tensor], quant_config: dict[str, Any] | None, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        q = unpack_int4(tensors["qweight"], dim=0)  # [K, N]
+        k = q.shape[0]
+        zeros = unpack_int4(tensors["qzeros"], dim=1) + 1  # [G, N]
+        g_idx = tensors.get("g_idx")
+        if g_idx is None:
+            g_idx = torch.arange(k) // _group(quant_config)
+        g_idx = g_idx.to(torch.int64)
+        scales = tensors["scales"].to(dtype)
+        w = (q - zeros[g_idx]).to(dtype) * scales[g_idx]
+        return w.t()
+
+
+GPTQ_INT4 = GptqInt4()

@@ -1,0 +1,240 @@
+"""The load plan: for every vLLM layer, the source it comes from, its format
+there, and the exact checkpoint tensors (file, dtype, shape, bytes) to read.
+
+Building the plan is where a recipe meets the checkpoints: sources must be the
+same model, members of one fused layer must share a source, every planned
+tensor must exist with the shape the model config implies and the dtype its
+format requires. With ``read_headers=False`` only the configs are used (for
+config-only directories such as ``--load-format dummy`` benchmarks).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_mixed.architectures import MODEL_KEYS, Layer, layers_for
+from vllm_mixed.errors import MixedError
+from vllm_mixed.formats import FORMATS
+from vllm_mixed.formats.base import TensorSpec
+from vllm_mixed.formats.unquantized import FLOAT_DTYPES
+from vllm_mixed.recipe import Recipe
+from vllm_mixed.safetensors_header import TensorInfo
+from vllm_mixed.sources import Source
+
+__all__ = ["LoadPlan", "PlannedLayer", "build_plan", "open_sources"]
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One vLLM layer resolved: source, format there, tensors to read."""
+
+    layer: Layer
+    source: str
+    format: str
+    precision: str
+    tensors: tuple[TensorInfo, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class LoadPlan:
+    recipe: Recipe
+    sources: dict[str, Source]
+    layers: list[PlannedLayer]
+    unused_rules: list[int] = field(default_factory=list)
+
+    @property
+    def base(self) -> Source:
+        return self.sources[self.recipe.base]
+
+    def routes(self) -> dict[str, str]:
+        """vLLM layer name -> source name (what compose writes)."""
+        return {p.layer.name: p.source for p in self.layers}
+
+    def bytes_by_precision(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for p in self.layers:
+            out[p.precision] += p.nbytes
+        return dict(out)
+
+    def groups(self) -> list[tuple[str, str, str, str, int, int]]:
+        """Rows (group, source, format, precision, layer count, bytes), in model order."""
+        rows: dict[tuple[str, str, str, str], list[int]] = {}
+        for p in self.layers:
+            key = (p.layer.group, p.source, p.format, p.precision)
+            row = rows.setdefault(key, [0, 0])
+            row[0] += 1
+            row[1] += p.nbytes
+        return [(*k, n, b) for k, (n, b) in rows.items()]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for p in self.layers)
+
+    def tensors_by_file(self) -> dict[str, list[tuple[str, TensorInfo]]]:
+        """Shard path -> [(source name, tensor)] in file order: each file is
+        opened once and read front to back."""
+        out: dict[str, list[tuple[str, TensorInfo]]] = defaultdict(list)
+        for p in self.layers:
+            for t in p.tensors:
+                out[str(t.file)].append((p.source, t))
+        for items in out.values():
+            items.sort(key=lambda st: st[1].start)
+        return dict(out)
+
+
+def open_sources(recipe: Recipe) -> dict[str, Source]:
+    """Open every source and check they describe the same model."""
+    sources = {name: Source(name, path) for name, path in recipe.sources.items()}
+    base = sources[recipe.base]
+    for src in sources.values():
+        for key in MODEL_KEYS:
+            a, b = base.config.get(key), src.config.get(key)
+            if a != b:
+                raise MixedError(
+                    f"sources {base.name!r} and {src.name!r} are different models: config.json {key!r} is {a!r} in "
+                    f"{base.path} but {b!r} in {src.path}; every source must be a checkpoint of the same model"
+                )
+    return sources
+
+
+def build_plan(recipe: Recipe, sources: dict[str, Source] | None = None, read_headers: bool = True) -> LoadPlan:
+    """Resolve every layer of the base model to a source and its tensors."""
+    sources = sources or open_sources(recipe)
+    layers = layers_for(sources[recipe.base].config, f"base {recipe.base!r} ({sources[recipe.base].path}/config.json)")
+    used_rules: set[int] = set()
+    planned = []
+    for layer in layers:
+        source_name = _resolve(recipe, layer, used_rules)
+        src = sources[source_name]
+        fmt = _format_in(src, layer)
+        planned.append(
+            PlannedLayer(
+                layer=layer,
+                source=source_name,
+                format=fmt,
+                precision=_precision(src, fmt),
+                tensors=_tensors(src, layer, fmt) if read_headers else (),
+            )
+        )
+    unused = [i for i in range(len(recipe.rules)) if i not in used_rules]
+    return LoadPlan(recipe, sources, planned, unused)
+
+
+def pure_plan(recipe: Recipe, sources: dict[str, Source], name: str) -> LoadPlan:
+    """The plan of the whole model from one source (for comparisons)."""
+    pure = recipe.model_copy(update={"default": name, "rules": [], "base": name})
+    return build_plan(pure, sources)
+
+
+def _resolve(recipe: Recipe, layer: Layer, used_rules: set[int]) -> str:
+    """The one source of a layer; every fused member must agree."""
+    picks: dict[str, list[tuple[str, int | None]]] = defaultdict(list)
+    for m in layer.members:
+        names = (m.name,) if m.name == layer.name else (m.name, layer.name)
+        src, rule = recipe.source_for(names)
+        if rule is not None:
+            used_rules.add(rule)
+        picks[str(src)].append((m.name, rule))
+    if len(picks) == 1:
+        (src,) = picks
+        if src == "None":
+            raise MixedError(
+                f"layer {layer.name!r} matches no rule and the recipe has no 'default'; "
+                "add 'default: <source>' or a rule whose targets match it"
+            )
+        return src
+    parts = []
+    for src, members in sorted(picks.items()):
+        rules = sorted({f"rule {r}" if r is not None else "default" for _, r in members})
+        shown = ", ".join(n for n, _ in members[:4])
+        more = f" and {len(members) - 4} more" if len(members) > 4 else ""
+        parts.append(f"{src} ({'/'.join(rules)}): {shown}{more}")
+    raise MixedError(
+        f"fused layer {layer.name!r} would mix sources: " + "; ".join(parts)
+        + ". vLLM runs these members as one GEMM with one precision; make one rule cover the whole layer "
+        f"(target {layer.name!r})"
+    )
+
+
+def _format_in(src: Source, layer: Layer) -> str:
+    """The format a layer has in a source: quantizable layers take the
+    source's format unless its config leaves them unconverted."""
+    if not layer.quantizable or src.format == "unquantized":
+        return "unquantized"
+    qc = src.quant_config or {}
+    skipped = list(qc.get("modules_to_not_convert") or []) + list(qc.get("ignored_layers") or [])
+    names = [layer.name, *(m.name for m in layer.members[:3])]
+    if any(n == s or n.endswith("." + s) for n in names for s in skipped):
+        return "unquantized"
+    return src.format
+
+
+def _precision(src: Source, fmt: str) -> str:
+    if fmt == "unquantized":
+        return FORMATS[fmt].precision(None, _float_name(src.dtype))
+    return FORMATS[fmt].precision(src.quant_config)
+
+
+def _float_name(dtype: str) -> str:
+    return {"float16": "float16", "half": "float16", "float32": "float32"}.get(dtype, "bfloat16")
+
+
+def _specs(src: Source, layer: Layer, fmt: str, member_shape: tuple[int, ...]) -> dict[str, TensorSpec]:
+    if len(member_shape) == 1:
+        return {"weight": TensorSpec(FLOAT_DTYPES, member_shape)}
+    return FORMATS[fmt].specs(member_shape[0], member_shape[1], src.quant_config)
+
+
+def _tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]:
+    out = []
+    for m in layer.members:
+        for suffix, spec in _specs(src, layer, fmt, m.shape).items():
+            name = f"{m.name}.{suffix}"
+            if suffix == "g_idx" and not src.has(name):
+                continue  # optional in GPTQ checkpoints; vLLM recomputes it
+            if not src.has(name):
+                raise MixedError(
+                    f"{src.where}: tensor {name!r} is in no shard, but layer {layer.name!r} routed to this source "
+                    f"as {fmt} needs it; check the source is the {fmt.replace('_', ' ')} checkpoint of this model, "
+                    "or route the layer elsewhere"
+                )
+            info = src.tensor(name)
+            if info.dtype not in spec.dtypes:
+                raise MixedError(
+                    f"{info.file}: tensor {name!r} is {info.dtype}, but source {src.name!r} is {src.format} and its "
+                    f"{fmt} {suffix!r} must be {' or '.join(spec.dtypes)}; the file does not match its config.json "
+                    "(wrong directory, or a checkpoint of another format)"
+                )
+            if info.shape != spec.shape:
+                raise MixedError(
+                    f"{info.file}: tensor {name!r} has shape {list(info.shape)} but the model config implies "
+                    f"{list(spec.shape)} for {fmt}; the source is a different model or its config.json is wrong"
+                )
+            out.append(info)
+    return tuple(out)
+
+
+def plan_summary(plan: LoadPlan, pure: dict[str, LoadPlan]) -> dict[str, Any]:
+    """Plain data for ``plan --json`` and the table."""
+    return {
+        "recipe": plan.recipe.to_dict(),
+        "sources": {n: {"path": str(s.path), "format": s.format} for n, s in plan.sources.items()},
+        "groups": [
+            {"group": g, "source": s, "format": f, "precision": p, "layers": n, "bytes": b}
+            for g, s, f, p, n, b in plan.groups()
+        ],
+        "bytes_by_precision": plan.bytes_by_precision(),
+        "total_bytes": plan.total_bytes,
+        "pure_sources": {n: p.total_bytes for n, p in pure.items()},
+        "unused_rules": [
+            {"index": i, "targets": plan.recipe.rules[i].targets, "source": plan.recipe.rules[i].source}
+            for i in plan.unused_rules
+        ],
+        "tensors": sum(len(p.tensors) for p in plan.layers),
+    }

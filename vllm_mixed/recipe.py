@@ -1,0 +1,177 @@
+"""The recipe: which checkpoint each layer of the model comes from.
+
+A recipe is YAML with five keys (``sources``, ``base``, ``default``, ``dtype``,
+``rules``). It is parsed into a frozen, typed :class:`Recipe`; unknown keys are
+rejected and every error names the file, the key, the value and the fix.
+
+Matching semantics (stated once, tested in ``tests/test_recipe.py``): a target
+is a glob on vLLM layer names (``model.layers.*.mlp.experts``) or, with the
+``re:`` prefix, a regular expression that must match the whole name. A target
+may also name one checkpoint member of a fused layer (``q_proj``,
+``experts.7.up_proj``). Rules are tried in file order; the first match wins;
+layers that no rule matches come from ``default``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vllm_mixed.errors import MixedError
+
+__all__ = ["Recipe", "Rule", "load_recipe", "recipe_from_dict", "target_matches"]
+
+DTYPES = ("bfloat16", "float16")
+
+
+class Rule(BaseModel):
+    """Layers matching any of ``targets`` come from ``source``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    targets: list[str] = Field(min_length=1)
+    source: str
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_compile(cls, targets: list[str]) -> list[str]:
+        for target in targets:
+            if not target.strip():
+                raise ValueError("a target is empty; write a layer name, a glob or 're:<regex>'")
+            if target.startswith("re:"):
+                try:
+                    re.compile(target[3:])
+                except re.error as exc:
+                    raise ValueError(f"target {target!r} is not a valid regular expression ({exc})") from None
+        return targets
+
+
+class Recipe(BaseModel):
+    """A validated recipe. Source paths are absolute once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: dict[str, str] = Field(min_length=1)
+    base: str
+    default: str | None = None
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    rules: list[Rule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> Recipe:
+        known = ", ".join(sorted(self.sources))
+        if self.base not in self.sources:
+            raise ValueError(f"base: {self.base!r} is not a source; use one of: {known}")
+        if self.default is not None and self.default not in self.sources:
+            raise ValueError(f"default: {self.default!r} is not a source; use one of: {known}")
+        for i, rule in enumerate(self.rules):
+            if rule.source not in self.sources:
+                raise ValueError(
+                    f"rules[{i}].source: {rule.source!r} (rule for {rule.targets}) is not a source; "
+                    f"use one of: {known}, or add it under 'sources:'"
+                )
+        return self
+
+    def source_for(self, names: tuple[str, ...]) -> tuple[str | None, int | None]:
+        """The source of the first rule with a target matching any of ``names``,
+        and that rule's index; ``(default, None)`` when no rule matches."""
+        for i, rule in enumerate(self.rules):
+            if any(target_matches(t, n) for t in rule.targets for n in names):
+                return rule.source, i
+        return self.default, None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as written into a composed ``config.json``."""
+        return self.model_dump(mode="json")
+
+
+def target_matches(target: str, name: str) -> bool:
+    """Whether one rule target matches one layer or member name."""
+    if target.startswith("re:"):
+        return _regex(target[3:]).fullmatch(name) is not None
+    return fnmatch.fnmatchcase(name, target)
+
+
+@lru_cache(maxsize=1024)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def recipe_from_dict(data: Any, origin: str | Path | None = None) -> Recipe:
+    """Validate plain data as a recipe; relative source paths resolve against
+    the directory of ``origin`` (the recipe file), else the working directory."""
+    where = f"recipe {origin}" if origin else "recipe"
+    if not isinstance(data, dict):
+        raise MixedError(
+            f"{where}: expected a mapping with keys sources, base, default, dtype, rules; "
+            f"got {type(data).__name__}. See configs/ for examples."
+        )
+    data = dict(data)
+    root = Path(origin).resolve().parent if origin else Path.cwd()
+    if isinstance(data.get("sources"), dict):
+        data["sources"] = {
+            str(k): str((root / Path(str(v)).expanduser()).resolve()) if isinstance(v, str | Path) else v
+            for k, v in data["sources"].items()
+        }
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise MixedError(_explain(exc, where)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MixedError(f"recipe {path}: no such file; pass the path of a recipe YAML (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise MixedError(f"recipe {path}: YAML syntax error{at}: {problem}; fix the YAML (indentation, quotes, colons)") from None
+    return recipe_from_dict(data, origin=path)
+
+
+_ALLOWED = {
+    (): sorted(Recipe.model_fields),
+    ("rules",): sorted(Rule.model_fields),
+}
+
+
+def _explain(exc: ValidationError, where: str) -> str:
+    """One message per problem, each naming the key, the value and the fix."""
+    lines = []
+    for err in exc.errors():
+        loc = err["loc"]
+        key = _key(loc)
+        value = err.get("input")
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent = tuple(p for p in loc[:-1] if not isinstance(p, int))
+            allowed = ", ".join(_ALLOWED.get(parent, []))
+            lines.append(f"unknown key {key!r}; allowed keys here: {allowed}")
+        elif kind == "missing":
+            lines.append(f"missing key {key!r}; add it (see configs/ for an example)")
+        elif kind == "literal_error" and loc[-1] == "dtype":
+            lines.append(f"dtype: {value!r} is not supported; use one of: {', '.join(DTYPES)}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            prefix = f"{key}: " if key and not msg.startswith(key) else ""
+            shown = "" if kind == "value_error" else f" (got {value!r})"
+            lines.append(f"{prefix}{msg}{shown}")
+    return f"{where}: " + "; ".join(lines)
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

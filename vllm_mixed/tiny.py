@@ -1,0 +1,195 @@
+"""``make-tiny``: a tiny random Qwen3-MoE in the three published formats.
+
+One float master model is drawn from a seeded generator; each directory holds
+it as the corresponding published checkpoint would (BF16; FP8 block with bf16
+scales and a BF16 router/embeddings/head; GPTQ int4 g128 with fp16 for the
+rest), written by the project's own format writers. Every GEMM dimension is a
+multiple of 128 also at tensor-parallel size 2, so Marlin and FP8 block
+kernels accept it. A small byte-level BPE tokenizer makes text prompts work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_mixed.architectures import layers_for
+from vllm_mixed.formats import FORMATS
+from vllm_mixed.formats.writer import write_checkpoint
+
+__all__ = ["TINY_CONFIG", "FP8_QUANT_CONFIG", "GPTQ_QUANT_CONFIG", "make_tiny"]
+
+TINY_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "decoder_sparse_step": 1,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 256,
+    "initializer_range": 0.02,
+    "intermediate_size": 512,
+    "max_position_embeddings": 2048,
+    "max_window_layers": 2,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 256,
+    "norm_topk_prob": True,
+    "num_attention_heads": 4,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 1024,
+}
+
+# As published for Qwen/Qwen3-30B-A3B-FP8 (router and lm_head left in BF16).
+FP8_QUANT_CONFIG: dict[str, Any] = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
+# As published for Qwen/Qwen3-30B-A3B-GPTQ-Int4.
+GPTQ_QUANT_CONFIG: dict[str, Any] = {
+    "bits": 4,
+    "checkpoint_format": "gptq",
+    "damp_percent": 0.01,
+    "desc_act": False,
+    "group_size": 128,
+    "model_file_base_name": None,
+    "model_name_or_path": None,
+    "quant_method": "gptq",
+    "static_groups": False,
+    "sym": True,
+    "true_sequential": True,
+}
+
+RECIPE = """\
+# Tiny Qwen3-MoE mix: experts from the GPTQ int4 checkpoint, everything else BF16.
+sources:
+  bf16: bf16
+  fp8: fp8
+  int4: gptq-int4
+base: bf16
+default: bf16
+dtype: bfloat16
+rules:
+  - targets: ["model.layers.*.mlp.experts"]
+    source: int4
+"""
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A mixture of experts routes each token to a few experts.
+Attention layers read every token; the experts hold most of the weights. Quantization stores weights
+in fewer bits: int4 packs eight values into one word, fp8 keeps a scale for every block of weights.
+vLLM serves large language models with paged attention and continuous batching. Hello, world!
+Once upon a time there was a small model that learned to count: one, two, three, four, five, six,
+seven, eight, nine, ten. The capital of France is Paris. The sun rises in the east and sets in the west.
+def main():\n    print("hello")\nfor i in range(10):\n    total += i * 2
+"""
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def master_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """Float32 master weights, keyed by checkpoint module name (no suffix)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in layers_for(cfg, "tiny config"):
+        for m in layer.members:
+            if layer.kind == "norm":
+                out[m.name] = 1.0 + 0.1 * torch.randn(m.shape, generator=gen)
+            else:
+                out[m.name] = 0.02 * torch.randn(m.shape, generator=gen) if layer.kind != "router" else 0.1 * torch.randn(m.shape, generator=gen)
+    return out
+
+
+def checkpoint_tensors(cfg: dict[str, Any], master: dict[str, torch.Tensor], fmt: str, qc: dict[str, Any] | None, float_dtype: str) -> dict[str, torch.Tensor]:
+    """All tensors of one published-format checkpoint: quantizable layers in
+    ``fmt``, everything else in ``float_dtype``."""
+    unq = FORMATS["unquantized"]
+    tensors = {}
+    for layer in layers_for(cfg, "tiny config"):
+        for m in layer.members:
+            if layer.quantizable and fmt != "unquantized":
+                encoded = FORMATS[fmt].quantize(master[m.name], qc)
+            else:
+                encoded = unq.quantize(master[m.name], None, float_dtype)
+            tensors.update({f"{m.name}.{k}": v for k, v in encoded.items()})
+    return tensors
+
+
+def write_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_CONFIG["vocab_size"] - 64,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": SPECIAL[0],
+                "pad_token": SPECIAL[0],
+                "bos_token": None,
+                "model_max_length": TINY_CONFIG["max_position_embeddings"],
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+    )
+    (directory / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": 0, "bos_token_id": 0, "do_sample": False}, indent=2)
+    )
+
+
+def make_tiny(directory: str | Path, seed: int = 0, shard_bytes: int = 2 * 2**20) -> dict[str, Path]:
+    """Write ``DIR/{bf16,fp8,gptq-int4}`` and ``DIR/recipe.yaml``."""
+    root = Path(directory)
+    cfg = dict(TINY_CONFIG)
+    master = master_weights(cfg, seed)
+    layouts = {
+        "bf16": ("unquantized", None, "bfloat16"),
+        "fp8": ("fp8_block", FP8_QUANT_CONFIG, "bfloat16"),
+        "gptq-int4": ("gptq_int4", GPTQ_QUANT_CONFIG, "float16"),
+    }
+    dirs = {}
+    for name, (fmt, qc, float_dtype) in layouts.items():
+        config = {**cfg, "torch_dtype": float_dtype}
+        if qc is not None:
+            config["quantization_config"] = dict(qc)
+        if fmt == "fp8_block":
+            config["quantization_config"]["modules_to_not_convert"] = ["lm_head"] + [
+                f"model.layers.{i}.mlp.gate" for i in range(cfg["num_hidden_layers"])
+            ]
+        out = root / name
+        write_checkpoint(out, checkpoint_tensors(cfg, master, fmt, qc, float_dtype), config, shard_bytes)
+        write_tokenizer(out)
+        dirs[name] = out
+    (root / "recipe.yaml").write_text(RECIPE)
+    dirs["recipe"] = root / "recipe.yaml"
+    return dirs
