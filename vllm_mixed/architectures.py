@@ -47,20 +47,29 @@ class Layer:
         return self.kind in ("linear", "experts")
 
 
-def _get(cfg: dict[str, Any], key: str) -> int:
+def _get(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A positive integer from config.json; ``default`` where the key is absent or null."""
+    value = cfg.get(key)
+    if value is None and default is not None:
+        return default
     if key not in cfg:
-        raise MixedError(f"config.json has no {key!r}; the base checkpoint's config is incomplete")
-    return int(cfg[key])
+        raise MixedError(f"no {key!r}; the checkpoint's config.json is incomplete, restore it")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MixedError(f"{key!r} is {value!r}, not a positive integer; restore the checkpoint's config.json")
+    return value
 
 
 def qwen3_moe_layers(cfg: dict[str, Any]) -> list[Layer]:
     """Qwen3-MoE (Qwen3MoeForCausalLM): every decoder layer is MoE."""
     hidden, vocab = _get(cfg, "hidden_size"), _get(cfg, "vocab_size")
     heads, kv_heads = _get(cfg, "num_attention_heads"), _get(cfg, "num_key_value_heads")
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    head_dim = _get(cfg, "head_dim", hidden // heads)
     experts, inter = _get(cfg, "num_experts"), _get(cfg, "moe_intermediate_size")
-    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
-        raise MixedError("config.json: Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported yet")
+    if cfg.get("mlp_only_layers") or _get(cfg, "decoder_sparse_step", 1) != 1:
+        raise MixedError(
+            "Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported yet; "
+            "use a checkpoint in which every decoder layer is MoE"
+        )
     layers = [Layer("model.embed_tokens", "embedding", "embed_tokens", (Member("model.embed_tokens", (vocab, hidden)),))]
     for i in range(_get(cfg, "num_hidden_layers")):
         p = f"model.layers.{i}"
@@ -109,7 +118,10 @@ def layers_for(cfg: dict[str, Any], where: str) -> list[Layer]:
     archs = cfg.get("architectures") or []
     for arch in archs:
         if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch](cfg)
+            try:
+                return ARCHITECTURES[arch](cfg)
+            except MixedError as exc:
+                raise MixedError(f"{where}: {exc}") from None
     raise MixedError(
         f"{where}: architectures {archs} are not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
     )

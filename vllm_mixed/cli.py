@@ -59,6 +59,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from vllm_mixed.compose import compose
+    from vllm_mixed.plan import build_plan
+    from vllm_mixed.recipe import load_recipe
+
+    plan = build_plan(load_recipe(args.recipe))
+    out = compose(plan, args.output)
+    print(f"composed {out} ({len(plan.layers)} layers from {len(plan.sources)} sources, {human(plan.total_bytes)} of weights)")
+    print(f"serve it: python -m vllm.entrypoints.openai.api_server --model {out} --load-format mixed")
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from vllm_mixed.tiny import make_tiny
 
@@ -76,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("compose", help="write a small servable directory whose config.json carries the recipe")
+    p.add_argument("recipe")
+    p.add_argument("-o", "--output", required=True, help="directory to write")
+    p.set_defaults(func=cmd_compose)
     p = sub.add_parser("make-tiny", help="write a tiny random Qwen3-MoE in the three published formats plus a recipe")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

@@ -134,24 +134,26 @@ def pure_plan(recipe: Recipe, sources: dict[str, Source], name: str) -> LoadPlan
 
 def _resolve(recipe: Recipe, layer: Layer, used_rules: set[int]) -> str:
     """The one source of a layer; every fused member must agree."""
-    picks: dict[str, list[tuple[str, int | None]]] = defaultdict(list)
+    picks: dict[str | None, list[tuple[str, int | None]]] = defaultdict(list)
     for m in layer.members:
         names = (m.name,) if m.name == layer.name else (m.name, layer.name)
         src, rule = recipe.source_for(names)
         if rule is not None:
             used_rules.add(rule)
-        picks[str(src)].append((m.name, rule))
+        picks[src].append((m.name, rule))
     if len(picks) == 1:
         (src,) = picks
-        if src == "None":
+        if src is None:
             raise MixedError(
                 f"layer {layer.name!r} matches no rule and the recipe has no 'default'; "
                 "add 'default: <source>' or a rule whose targets match it"
             )
         return src
     parts = []
-    for src, members in sorted(picks.items()):
+    for src, members in sorted(picks.items(), key=lambda kv: str(kv[0])):
         rules = sorted({f"rule {r}" if r is not None else "default" for _, r in members})
+        if src is None:
+            src, rules = "no source", ["no rule matches and the recipe has no 'default'"]
         shown = ", ".join(n for n, _ in members[:4])
         more = f" and {len(members) - 4} more" if len(members) > 4 else ""
         parts.append(f"{src} ({'/'.join(rules)}): {shown}{more}")

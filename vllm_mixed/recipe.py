@@ -140,6 +140,10 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe_from_dict(data, origin=path)
 
 
+_NONEMPTY = {
+    "sources": "at least one checkpoint as name: directory",
+    "targets": "at least one layer name, glob or 're:<regex>'",
+}
 _ALLOWED = {
     (): sorted(Recipe.model_fields),
     ("rules",): sorted(Rule.model_fields),
@@ -162,6 +166,13 @@ def _explain(exc: ValidationError, where: str) -> str:
             lines.append(f"missing key {key!r}; add it (see configs/ for an example)")
         elif kind == "literal_error" and loc[-1] == "dtype":
             lines.append(f"dtype: {value!r} is not supported; use one of: {', '.join(DTYPES)}")
+        elif kind == "too_short":
+            what = _NONEMPTY.get(loc[-1], "at least one entry")
+            lines.append(f"{key}: is empty; give {what}")
+        elif kind == "list_type":
+            lines.append(f"{key}: must be a YAML list such as [a, b] (got {value!r})")
+        elif kind == "dict_type":
+            lines.append(f"{key}: must be a YAML mapping of name: value (got {value!r})")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             prefix = f"{key}: " if key and not msg.startswith(key) else ""

@@ -81,6 +81,11 @@ class Source:
         if not isinstance(self.config, dict):
             raise MixedError(f"{cfg_path}: expected a JSON object; restore the checkpoint's config.json")
         self.quant_config: dict[str, Any] | None = self.config.get("quantization_config") or None
+        if self.quant_config is not None and not isinstance(self.quant_config, dict):
+            raise MixedError(
+                f"{cfg_path}: quantization_config is {self.quant_config!r}, not an object such as "
+                '{"quant_method": "fp8", ...}; restore the checkpoint\'s config.json'
+            )
         self.format = detect_format(self.quant_config, f"{where} config.json")
         self.where = where
 
@@ -100,8 +105,8 @@ class Source:
             try:
                 data = json.loads(index.read_text())
                 raw = data["weight_map"]
-                if not isinstance(raw, dict):
-                    raise TypeError("weight_map is not an object")
+                if not isinstance(raw, dict) or not all(isinstance(f, str) for f in raw.values()):
+                    raise TypeError("weight_map must map tensor names to shard file names")
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise MixedError(f"{index}: not a valid safetensors index ({exc}); regenerate or re-download it") from None
             shards: dict[str, Path] = {}

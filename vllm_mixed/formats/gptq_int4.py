@@ -47,6 +47,15 @@ def unpack_int4(words: torch.Tensor, dim: int) -> torch.Tensor:
     return v.reshape(*w.shape[:-1], -1).movedim(-1, dim)
 
 
+def _fp16_scale(need: torch.Tensor) -> torch.Tensor:
+    """``need`` (float64) as an fp16 scale that is never smaller: rounding it
+    down would push a group's extremes past the last step (error > scale/2).
+    Never zero, so all-zero groups quantize to exact zeros."""
+    scale = need.clamp(min=2**-24).to(torch.float16)
+    up = torch.nextafter(scale, torch.tensor(torch.inf, dtype=torch.float16))
+    return torch.where(scale.to(torch.float64) < need, up, scale)
+
+
 def _group(quant_config: dict[str, Any] | None) -> int:
     return int((quant_config or {}).get("group_size", 128))
 
@@ -78,12 +87,14 @@ class GptqInt4:
             raise ValueError(f"GPTQ needs in_features % {g} == 0 and dims % 8 == 0, got [{n}, {k}]")
         w = weight.to(torch.float64).t().reshape(k // g, g, n)  # [groups, g, N]
         if sym:
-            amax = w.abs().amax(dim=1).clamp(min=1e-8)
-            scale = (2 * amax / MAXQ).to(torch.float16)
+            amax = w.abs().amax(dim=1)
+            scale = _fp16_scale(2 * amax / MAXQ)
             zero = torch.full_like(amax, 8, dtype=torch.int64)
         else:
             lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
-            scale = ((hi - lo).clamp(min=1e-8) / MAXQ).to(torch.float16)
+            # v1 cannot store zero point 0 (it stores zero - 1), so the top of
+            # the range is at most 14.5 steps above zero when the group is >= 0
+            scale = _fp16_scale(torch.maximum((hi - lo) / MAXQ, hi / (MAXQ - 0.5)))
             zero = torch.round(-lo / scale.to(torch.float64)).clamp(1, MAXQ).to(torch.int64)
         s64 = scale.to(torch.float64)
         q = torch.round(w / s64.unsqueeze(1)) + zero.unsqueeze(1)

@@ -1,0 +1,53 @@
+"""Every difference between the supported vLLM releases (0.26 on CUDA through
+0.32 on CPU) that the plugin sees, checked by feature in this one place.
+
+Imports vLLM: only the adapter modules (config, methods, loader) use it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+
+__all__ = [
+    "OPTIONAL_UNLOADED_PARAMS",
+    "is_cpu",
+    "routed_experts_cls",
+    "supports_g_idx",
+]
+
+# Parameters a vLLM method may register that a checkpoint need not provide:
+# GPTQ-MoE's zero-initialised biases (>= 0.27) and the act-order index buffers
+# that 0.26 fills itself when desc_act is false.
+OPTIONAL_UNLOADED_PARAMS = ("w13_bias", "w2_bias", "g_idx_sort_indices", "w13_g_idx", "w2_g_idx", "g_idx")
+
+
+@cache
+def is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+@cache
+def routed_experts_cls() -> type:
+    """The layer class ``get_quant_method`` sees for MoE experts
+    (``FusedMoE`` is a factory function in 0.26 and renamed afterwards)."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    return RoutedExperts
+
+
+@cache
+def supports_g_idx() -> bool:
+    """0.32 drops ``.g_idx`` for every config; 0.26 still loads it."""
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+    return not hasattr(QuantizationConfig, "get_checkpoint_weight_mapper")
+
+
+def accepts_kwarg(fn: object, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
