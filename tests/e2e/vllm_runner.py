@@ -1,0 +1,44 @@
+"""Runs vLLM's CPU build on one model directory in a fresh process and writes
+JSON: greedy continuations, teacher-forced prompt logprobs and load timings.
+
+Usage: python vllm_runner.py MODEL_DIR LOAD_FORMAT REQUEST.json OUT.json
+REQUEST = {"greedy": [[ids...], ...], "teacher": [[ids...], ...], "max_tokens": N, "text": ["..."]}
+"""
+
+import json
+import re
+import sys
+import time
+
+if __name__ == "__main__":
+    model, load_format, request_path, out_path = sys.argv[1:5]
+    req = json.load(open(request_path))
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=model,
+        load_format=load_format,
+        dtype="bfloat16",
+        max_model_len=512,
+        enforce_eager=True,
+        gpu_memory_utilization=0.3,
+        max_num_seqs=8,
+        seed=0,
+    )
+    init_s = time.perf_counter() - t0
+    greedy = SamplingParams(max_tokens=req.get("max_tokens", 16), temperature=0.0, ignore_eos=True)
+    out = {"init_s": init_s, "greedy": [], "teacher": [], "text": []}
+    for res in llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in req.get("greedy", [])], greedy):
+        out["greedy"].append(list(res.outputs[0].token_ids))
+    for res in llm.generate(req.get("text", []), greedy):
+        out["text"].append(res.outputs[0].text)
+    tf = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=20)
+    for res in llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in req.get("teacher", [])], tf):
+        positions = []
+        for lp in res.prompt_logprobs[1:]:
+            positions.append({str(tok): [v.logprob, v.rank] for tok, v in lp.items()})
+        out["teacher"].append(positions)
+    json.dump(out, open(out_path, "w"))
+    print("RUNNER_OK", json.dumps({"init_s": init_s}))
