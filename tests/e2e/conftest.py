@@ -31,17 +31,17 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
+def tiny_dirs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     make_tiny(root)
     return root
 
 
-def write_recipe(tiny: Path, name: str, directory: Path) -> Path:
+def write_recipe(tiny_dirs: Path, name: str, directory: Path) -> Path:
     import yaml
 
     body = {
-        "sources": {"bf16": str(tiny / "bf16"), "fp8": str(tiny / "fp8"), "int4": str(tiny / "gptq-int4")},
+        "sources": {"bf16": str(tiny_dirs / "bf16"), "fp8": str(tiny_dirs / "fp8"), "int4": str(tiny_dirs / "gptq-int4")},
         "base": "bf16",
         "dtype": "bfloat16",
         **RECIPES[name],

@@ -26,13 +26,13 @@ REQUEST = {"greedy": GREEDY, "teacher": TEACHER, "max_tokens": 24, "text": ["Hel
 
 
 @pytest.fixture(scope="module")
-def stock_bf16(tiny, tmp_path_factory):
-    return run_vllm(tiny / "bf16", "auto", REQUEST, tmp_path_factory.mktemp("stock"))
+def stock_bf16(tiny_dirs, tmp_path_factory):
+    return run_vllm(tiny_dirs / "bf16", "auto", REQUEST, tmp_path_factory.mktemp("stock"))
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_recipe_matches_reference(name, tiny, tmp_path, stock_bf16, record_property):
-    recipe = load_recipe(write_recipe(tiny, name, tmp_path))
+def test_recipe_matches_reference(name, tiny_dirs, tmp_path, stock_bf16, record_property):
+    recipe = load_recipe(write_recipe(tiny_dirs, name, tmp_path))
     plan = build_plan(recipe)
     composed = compose(plan, tmp_path / "composed")
     result = run_vllm(composed, "mixed", REQUEST, tmp_path)

@@ -1,0 +1,232 @@
+"""Bad input through ``vllm-mixed plan``: exit status 2, one message on
+stderr that names the culprit and the fix, no traceback (unless --debug)."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vllm_mixed.cli import main
+
+
+def fails(capsys: pytest.CaptureFixture[str], recipe: Path, *extra: str) -> str:
+    """Run ``plan`` expecting bad input; returns stderr."""
+    rc = main([*extra, "plan", str(recipe)])
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in out + err
+    assert err.startswith("vllm-mixed: error: ")
+    assert err.count("vllm-mixed: error: ") == 1
+    return err
+
+
+def test_missing_source_directory(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.rmtree(tiny.src("fp8"))
+    err = fails(capsys, tiny.recipe_path)
+    assert f"source 'fp8' ({tiny.src('fp8')}): directory does not exist" in err
+    assert "fix the path under 'sources:' in the recipe" in err
+
+
+def test_source_is_a_file(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tiny.recipe(sources={"bf16": "bf16", "fp8": "fp8/config.json", "int4": "gptq-int4"})
+    err = fails(capsys, path)
+    assert f"source 'fp8' ({tiny.src('fp8') / 'config.json'}): is a file, not a checkpoint directory" in err
+    assert "point the source at the directory holding config.json" in err
+
+
+def test_source_without_config(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    (tiny.src("int4") / "config.json").unlink()
+    err = fails(capsys, tiny.recipe_path)
+    assert f"source 'int4' ({tiny.src('int4')}): no config.json" in err
+    assert "Hugging Face model directory with config.json and safetensors shards" in err
+
+
+def test_index_names_missing_shard(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    shard = tiny.shards("bf16")[1]
+    shard.unlink()
+    err = fails(capsys, tiny.recipe_path)
+    assert f"{tiny.src('bf16') / 'model.safetensors.index.json'}: names shard '{shard.name}'" in err
+    assert "download the missing shard or regenerate the index" in err
+
+
+def test_tensor_missing_from_every_shard(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tiny.rewrite("bf16", name, lambda t: None)
+    err = fails(capsys, tiny.recipe_path)
+    assert f"source 'bf16' ({tiny.src('bf16')}): tensor {name!r} is in no shard" in err
+    assert "layer 'model.layers.1.self_attn.o_proj'" in err
+    assert "check the source is the unquantized checkpoint of this model, or route the layer elsewhere" in err
+
+
+def test_data_region_truncated(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    shard = tiny.shards("int4")[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    err = fails(capsys, tiny.recipe_path)
+    assert f"{shard}: truncated: tensor '" in err
+    assert f"re-download or re-export {shard.name}" in err
+
+
+@pytest.mark.parametrize("where", ["length", "json"])
+def test_header_bytes_garbage(tiny: Any, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    shard = tiny.shards("fp8")[0]
+    data = bytearray(shard.read_bytes())
+    if where == "length":
+        data[:8] = b"\xde\xad\xbe\xef\xde\xad\xbe\xef"
+    else:
+        data[8:24] = b"\x00garbage\xff\xfe!!!!!!"
+    shard.write_bytes(bytes(data))
+    err = fails(capsys, tiny.recipe_path)
+    assert str(shard) in err
+    expected = "safetensors header claims" if where == "length" else "safetensors header is not valid JSON"
+    assert expected in err
+    assert f"the file is damaged or not safetensors; re-download or re-export {shard.name}" in err
+
+
+def test_tensor_shape_disagrees_with_config(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    name = "model.layers.0.self_attn.q_proj.weight"
+    shard = tiny.rewrite("bf16", name, lambda t: t[:384].clone())
+    err = fails(capsys, tiny.recipe_path)
+    assert f"{shard}: tensor {name!r} has shape [384, 256] but the model config implies [512, 256]" in err
+    assert "the source is a different model or its config.json is wrong" in err
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", 512), ("num_experts", 16), ("num_hidden_layers", 3)])
+def test_sources_are_different_models(tiny: Any, capsys: pytest.CaptureFixture[str], key: str, value: int) -> None:
+    old = tiny.config("int4")[key]
+    tiny.set_config("int4", **{key: value})
+    err = fails(capsys, tiny.recipe_path)
+    assert "sources 'bf16' and 'int4' are different models" in err
+    assert f"config.json {key!r} is {old!r} in {tiny.src('bf16')} but {value!r} in {tiny.src('int4')}" in err
+    assert "every source must be a checkpoint of the same model" in err
+
+
+@pytest.mark.parametrize(
+    "source,name,change,got,allowed",
+    [
+        ("bf16", "model.layers.0.self_attn.k_proj.weight", lambda t: t.to(torch.float8_e4m3fn), "F8_E4M3", "BF16 or F16 or F32"),
+        ("int4", "model.layers.1.mlp.experts.5.up_proj.qweight", lambda t: t.to(torch.float32), "F32", "I32"),
+        ("fp8", "model.layers.0.self_attn.o_proj.weight", lambda t: t.to(torch.bfloat16), "BF16", "F8_E4M3"),
+    ],
+)
+def test_tensor_dtype_not_of_source_format(
+    tiny: Any, capsys: pytest.CaptureFixture[str], source: str, name: str, change: Any, got: str, allowed: str
+) -> None:
+    shard = tiny.rewrite(source, name, change)
+    err = fails(capsys, tiny.recipe_path)
+    assert f"{shard}: tensor {name!r} is {got}, but source {source!r} is" in err
+    assert f"must be {allowed};" in err
+    assert "the file does not match its config.json" in err
+
+
+def test_rule_naming_unknown_source(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tiny.recipe(rules=[{"targets": ["model.layers.*.mlp.experts"], "source": "gptq"}])
+    err = fails(capsys, path)
+    assert str(path) in err
+    assert "rules[0].source: 'gptq' (rule for ['model.layers.*.mlp.experts']) is not a source" in err
+    assert "use one of: bf16, fp8, int4, or add it under 'sources:'" in err
+
+
+@pytest.mark.parametrize(
+    "target,layer,members",
+    [
+        ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"]),
+        ("model.layers.0.mlp.experts.3.*", "model.layers.0.mlp.experts", ["experts.3.gate_proj", "experts.0.gate_proj"]),
+        ("model.layers.*.self_attn.[qk]_proj", "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"]),
+    ],
+)
+def test_fused_layer_conflict(tiny: Any, capsys: pytest.CaptureFixture[str], target: str, layer: str, members: list[str]) -> None:
+    err = fails(capsys, tiny.recipe(rules=[{"targets": [target], "source": "fp8"}]))
+    assert f"fused layer {layer!r} would mix sources: bf16 (default): " in err
+    assert "fp8 (rule 0): " in err
+    for member in members:
+        assert f"{layer.rsplit('.', 1)[0]}.{member}" in err
+    assert f"make one rule cover the whole layer (target {layer!r})" in err
+
+
+def test_yaml_syntax_error(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tiny.root / "broken.yaml"
+    path.write_text("sources:\n  bf16: bf16\nbase: bf16\n default: bf16\n")
+    err = fails(capsys, path)
+    assert f"recipe {path}: YAML syntax error at line 4, column " in err
+    assert "fix the YAML (indentation, quotes, colons)" in err
+
+
+@pytest.mark.parametrize("where", ["top", "rule"])
+def test_unknown_key(tiny: Any, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    if where == "top":
+        path = tiny.recipe(precision="int4")
+        expected = "unknown key 'precision'; allowed keys here: base, default, dtype, rules, sources"
+    else:
+        path = tiny.recipe(rules=[{"targets": ["lm_head"], "source": "fp8", "quant": "fp8"}])
+        expected = "unknown key 'rules[0].quant'; allowed keys here: source, targets"
+    err = fails(capsys, path)
+    assert f"recipe {path}: " in err
+    assert expected in err
+
+
+def test_no_default_and_unmatched_layer(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails(capsys, tiny.recipe(default=...))
+    assert "layer 'model.embed_tokens' matches no rule and the recipe has no 'default'" in err
+    assert "add 'default: <source>' or a rule whose targets match it" in err
+
+
+def test_no_default_fused_partly_matched(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # every name but v_proj of layer 0 and its fused layer's name
+    rules = [{"targets": ["re:(?!model\\.layers\\.0\\.self_attn\\.(v|qkv)_proj$).*"], "source": "bf16"}]
+    err = fails(capsys, tiny.recipe(default=..., rules=rules))
+    assert "fused layer 'model.layers.0.self_attn.qkv_proj' would mix sources" in err
+    assert "no source (no rule matches and the recipe has no 'default'): model.layers.0.self_attn.v_proj" in err
+
+
+class _Explode:
+    """Unpickling this creates ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_pickle_only_checkpoint(tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pickled = tiny.root / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny.src("bf16") / "config.json", pickled)
+    sentinel = tmp_path / "was-unpickled"
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps(_Explode(sentinel)))
+    path = tiny.recipe(sources={"bf16": "bf16", "fp8": "fp8", "int4": "gptq-int4", "pt": "pickled"})
+    err = fails(capsys, path)
+    assert f"source 'pt' ({pickled}): holds only PyTorch pickle weights (pytorch_model.bin)" in err
+    assert "never unpickles" in err
+    assert f"M.from_pretrained('{pickled}').save_pretrained('OUT', safe_serialization=True)" in err
+    assert "point the recipe at OUT" in err
+    assert not sentinel.exists()
+
+
+def test_missing_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails(capsys, tmp_path / "nope.yaml")
+    assert f"recipe {tmp_path / 'nope.yaml'}: no such file; pass the path of a recipe YAML" in err
+
+
+def test_base_config_missing_model_key(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("bf16", "fp8", "int4"):
+        tiny.set_config(name, moe_intermediate_size=None)
+    err = fails(capsys, tiny.recipe_path)
+    assert f"base 'bf16' ({tiny.src('bf16')}/config.json): 'moe_intermediate_size' is None, not a positive integer" in err
+    assert "restore the checkpoint's config.json" in err
+
+
+def test_debug_shows_traceback(tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.rmtree(tiny.src("fp8"))
+    rc = main(["--debug", "plan", str(tiny.recipe_path)])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert "Traceback (most recent call last)" in err
+    assert "MixedError" in err
+    assert f"vllm-mixed: error: source 'fp8' ({tiny.src('fp8')}): directory does not exist" in err
