@@ -33,6 +33,8 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(VENV)/bin/vllm-mixed make-tiny $(DEMO)
 	$(VENV)/bin/vllm-mixed plan $(DEMO)/recipe.yaml
+	$(VENV)/bin/vllm-mixed compose $(DEMO)/recipe.yaml -o $(DEMO)/mix
+	VLLM_CPU_KVCACHE_SPACE=1 $(VENV)/bin/vllm-mixed generate $(DEMO)/mix 2>&1 | grep -v -E "^(\(\w+ pid=[0-9]+\) )?(INFO|WARNING|DEBUG)" 
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
