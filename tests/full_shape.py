@@ -26,7 +26,9 @@ LAYOUTS = {
 }
 
 
-def tensor_entries(cfg: dict[str, Any], fmt: str, qc: dict[str, Any] | None, float_dtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
+def tensor_entries(
+    cfg: dict[str, Any], fmt: str, qc: dict[str, Any] | None, float_dtype: str
+) -> list[tuple[str, str, tuple[int, ...]]]:
     out = []
     for layer in layers_for(cfg, "config"):
         for m in layer.members:

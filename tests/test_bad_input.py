@@ -109,7 +109,13 @@ def test_sources_are_different_models(tiny: Any, capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(
     "source,name,change,got,allowed",
     [
-        ("bf16", "model.layers.0.self_attn.k_proj.weight", lambda t: t.to(torch.float8_e4m3fn), "F8_E4M3", "BF16 or F16 or F32"),
+        (
+            "bf16",
+            "model.layers.0.self_attn.k_proj.weight",
+            lambda t: t.to(torch.float8_e4m3fn),
+            "F8_E4M3",
+            "BF16 or F16 or F32",
+        ),
         ("int4", "model.layers.1.mlp.experts.5.up_proj.qweight", lambda t: t.to(torch.float32), "F32", "I32"),
         ("fp8", "model.layers.0.self_attn.o_proj.weight", lambda t: t.to(torch.bfloat16), "BF16", "F8_E4M3"),
     ],
@@ -136,11 +142,17 @@ def test_rule_naming_unknown_source(tiny: Any, capsys: pytest.CaptureFixture[str
     "target,layer,members",
     [
         ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"]),
-        ("model.layers.0.mlp.experts.3.*", "model.layers.0.mlp.experts", ["experts.3.gate_proj", "experts.0.gate_proj"]),
+        (
+            "model.layers.0.mlp.experts.3.*",
+            "model.layers.0.mlp.experts",
+            ["experts.3.gate_proj", "experts.0.gate_proj"],
+        ),
         ("model.layers.*.self_attn.[qk]_proj", "model.layers.0.self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"]),
     ],
 )
-def test_fused_layer_conflict(tiny: Any, capsys: pytest.CaptureFixture[str], target: str, layer: str, members: list[str]) -> None:
+def test_fused_layer_conflict(
+    tiny: Any, capsys: pytest.CaptureFixture[str], target: str, layer: str, members: list[str]
+) -> None:
     err = fails(capsys, tiny.recipe(rules=[{"targets": [target], "source": "fp8"}]))
     assert f"fused layer {layer!r} would mix sources: bf16 (default): " in err
     assert "fp8 (rule 0): " in err
@@ -218,7 +230,9 @@ def test_base_config_missing_model_key(tiny: Any, capsys: pytest.CaptureFixture[
     for name in ("bf16", "fp8", "int4"):
         tiny.set_config(name, moe_intermediate_size=None)
     err = fails(capsys, tiny.recipe_path)
-    assert f"base 'bf16' ({tiny.src('bf16')}/config.json): 'moe_intermediate_size' is None, not a positive integer" in err
+    assert (
+        f"base 'bf16' ({tiny.src('bf16')}/config.json): 'moe_intermediate_size' is None, not a positive integer" in err
+    )
     assert "restore the checkpoint's config.json" in err
 
 

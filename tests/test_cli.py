@@ -67,13 +67,22 @@ def test_plan_table_and_json(made: tuple[Path, subprocess.CompletedProcess[str]]
 
     lines = proc.stdout.splitlines()
     n_layers = 3 + 8 * json.loads((root / "bf16" / "config.json").read_text())["num_hidden_layers"]
-    assert lines[0].startswith(f"recipe {recipe}: {n_layers} layers, {data['tensors']} tensors, base 'bf16', dtype bfloat16")
+    assert lines[0].startswith(
+        f"recipe {recipe}: {n_layers} layers, {data['tensors']} tensors, base 'bf16', dtype bfloat16"
+    )
     total = [line.split() for line in lines if line.startswith("total ")]
     assert len(total) == 1 and int(total[0][1]) == data["total_bytes"]
     for precision, nbytes in data["bytes_by_precision"].items():
         assert any(line.split()[:2] == [precision, str(nbytes)] for line in lines), precision
     for group in data["groups"]:
-        row = [group["group"], group["source"], group["format"], group["precision"], str(group["layers"]), str(group["bytes"])]
+        row = [
+            group["group"],
+            group["source"],
+            group["format"],
+            group["precision"],
+            str(group["layers"]),
+            str(group["bytes"]),
+        ]
         assert any(line.split()[:6] == row for line in lines), row
     for name, nbytes in data["pure_sources"].items():
         row = next(line.split() for line in lines if re.match(rf"{name}\s+{nbytes}\s", line))
@@ -82,7 +91,9 @@ def test_plan_table_and_json(made: tuple[Path, subprocess.CompletedProcess[str]]
     assert data["total_bytes"] < data["pure_sources"]["bf16"]
 
 
-def test_bad_input_exit_status_in_a_real_process(made: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+def test_bad_input_exit_status_in_a_real_process(
+    made: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     root, _ = made
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(f"sources:\n  a: {root / 'bf16'}\nbase: a\ndefault: b\n")

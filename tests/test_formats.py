@@ -232,7 +232,9 @@ def test_gptq_packing_matches_vllm_helpers() -> None:
         scales = tensors["scales"].to(torch.float64)[tensors["g_idx"].long()]
         vllm_weight = ((vq - wtype.bias).to(torch.float64) * scales).t()
         assert torch.equal(vllm_weight, GPTQ_INT4.dequantize(tensors, None))
-        assert torch.equal(qu.pack_quantized_values_into_int32(vq.to(torch.int32), wtype, packed_dim=0), tensors["qweight"])
+        assert torch.equal(
+            qu.pack_quantized_values_into_int32(vq.to(torch.int32), wtype, packed_dim=0), tensors["qweight"]
+        )
 
 
 # --- FP8 block ---------------------------------------------------------------------------------
@@ -321,7 +323,9 @@ def test_fp8_block_size_from_config() -> None:
 # --- unquantized and the table ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,torch_dtype,mantissa", [("bfloat16", torch.bfloat16, 7), ("float16", torch.float16, 10)])
+@pytest.mark.parametrize(
+    "dtype,torch_dtype,mantissa", [("bfloat16", torch.bfloat16, 7), ("float16", torch.float16, 10)]
+)
 def test_unquantized_round_trip(dtype: str, torch_dtype: torch.dtype, mantissa: int) -> None:
     w = torch.randn(48, 80, dtype=torch.float64)
     tensors = UNQUANTIZED.quantize(w, None, dtype)

@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from vllm_mixed.cli import main
-from vllm_mixed.plan import build_plan, open_sources, plan_summary, pure_plan
+from vllm_mixed.plan import build_plan, open_sources, pure_plan
 from vllm_mixed.recipe import load_recipe
 
 EXPERT = re.compile(r"model\.layers\.\d+\.mlp\.experts\.")
@@ -85,7 +85,9 @@ def test_bytes_equal_safetensors_sizes(tiny_master: Path) -> None:
 
 
 @pytest.mark.parametrize("name,directory", [("bf16", "bf16"), ("fp8", "fp8"), ("int4", "gptq-int4")])
-def test_pure_plan_reads_every_byte_of_its_checkpoint(tiny_master: Path, header_len: Any, name: str, directory: str) -> None:
+def test_pure_plan_reads_every_byte_of_its_checkpoint(
+    tiny_master: Path, header_len: Any, name: str, directory: str
+) -> None:
     recipe = load_recipe(tiny_master / "recipe.yaml")
     sources = open_sources(recipe)
     pure = pure_plan(recipe, sources, name)
@@ -222,12 +224,19 @@ def test_layer_name_targets(tiny_ro: Any) -> None:
     ]
     plan = plan_of(tiny_ro.recipe(rules=rules))
     layers = by_layer(plan)
-    assert (layers["model.layers.1.self_attn.o_proj"].source, layers["model.layers.1.self_attn.o_proj"].format) == ("int4", "gptq_int4")
+    assert (layers["model.layers.1.self_attn.o_proj"].source, layers["model.layers.1.self_attn.o_proj"].format) == (
+        "int4",
+        "gptq_int4",
+    )
     assert layers["model.layers.0.self_attn.o_proj"].source == "bf16"
     assert layers["model.layers.0.self_attn.qkv_proj"].format == "fp8_block"
     assert layers["model.layers.1.self_attn.qkv_proj"].source == "bf16"
     # lm_head from the fp8 checkpoint is stored in bf16 there
-    assert (layers["lm_head"].source, layers["lm_head"].format, layers["lm_head"].precision) == ("fp8", "unquantized", "bf16")
+    assert (layers["lm_head"].source, layers["lm_head"].format, layers["lm_head"].precision) == (
+        "fp8",
+        "unquantized",
+        "bf16",
+    )
     assert plan.unused_rules == []
 
 
@@ -241,7 +250,10 @@ def test_regex_targets(tiny_ro: Any) -> None:
     layers = by_layer(plan)
     for i in (0, 1):
         assert layers[f"model.layers.{i}.mlp.experts"].format == "gptq_int4"
-        assert (layers[f"model.layers.{i}.mlp.gate"].source, layers[f"model.layers.{i}.mlp.gate"].format) == ("fp8", "unquantized")
+        assert (layers[f"model.layers.{i}.mlp.gate"].source, layers[f"model.layers.{i}.mlp.gate"].format) == (
+            "fp8",
+            "unquantized",
+        )
     # embeddings and head from the GPTQ checkpoint are its fp16 tensors
     for name in ("lm_head", "model.embed_tokens"):
         assert (layers[name].source, layers[name].precision) == ("int4", "fp16")

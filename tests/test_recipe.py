@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.recipe import Recipe, load_recipe, recipe_from_dict, target_matches
@@ -170,7 +171,9 @@ def test_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert recipe.sources["a"] == str((tmp_path / "home" / "models" / "x").resolve())
 
 
-def test_without_origin_paths_resolve_against_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_origin_paths_resolve_against_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     recipe = recipe_from_dict({"sources": {"a": "ckpt"}, "base": "a"})
     assert recipe.sources["a"] == str((tmp_path / "ckpt").resolve())
@@ -178,7 +181,9 @@ def test_without_origin_paths_resolve_against_working_directory(tmp_path: Path, 
 
 def test_defaults_and_round_trip(tmp_path: Path) -> None:
     recipe = load_recipe(
-        write(tmp_path, {"sources": {"a": "x", "b": "y"}, "base": "b", "rules": [{"targets": ["lm_head"], "source": "a"}]})
+        write(
+            tmp_path, {"sources": {"a": "x", "b": "y"}, "base": "b", "rules": [{"targets": ["lm_head"], "source": "a"}]}
+        )
     )
     assert recipe.dtype == "bfloat16"
     assert recipe.default is None
@@ -190,7 +195,7 @@ def test_defaults_and_round_trip(tmp_path: Path) -> None:
 
 def test_recipe_is_frozen(tmp_path: Path) -> None:
     recipe = make(tmp_path)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         recipe.default = "b"  # type: ignore[misc]
     assert recipe.default == "a"
 
@@ -223,7 +228,10 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
 
 def test_unknown_rule_key(tmp_path: Path) -> None:
     with pytest.raises(MixedError) as exc:
-        make(tmp_path, rules=[{"targets": ["lm_head"], "source": "b"}, {"targets": ["x"], "source": "b", "format": "int4"}])
+        make(
+            tmp_path,
+            rules=[{"targets": ["lm_head"], "source": "b"}, {"targets": ["x"], "source": "b", "format": "int4"}],
+        )
     msg = str(exc.value)
     assert "unknown key 'rules[1].format'" in msg
     assert "allowed keys here: source, targets" in msg
@@ -231,7 +239,9 @@ def test_unknown_rule_key(tmp_path: Path) -> None:
 
 def test_rule_naming_unknown_source(tmp_path: Path) -> None:
     with pytest.raises(MixedError) as exc:
-        make(tmp_path, rules=[{"targets": ["lm_head"], "source": "b"}, {"targets": ["model.layers.*"], "source": "int8"}])
+        make(
+            tmp_path, rules=[{"targets": ["lm_head"], "source": "b"}, {"targets": ["model.layers.*"], "source": "int8"}]
+        )
     msg = str(exc.value)
     assert "rules[1].source: 'int8'" in msg
     assert "['model.layers.*']" in msg

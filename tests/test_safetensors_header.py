@@ -103,7 +103,12 @@ def refused_small(path: Path) -> str:
 
 @pytest.mark.parametrize("claimed", [2**64 - 1, 2**40, MAX_HEADER_BYTES + 1, MAX_HEADER_BYTES - 1])
 def test_forged_header_length(tmp_path: Path, claimed: int) -> None:
-    path = write_raw(tmp_path / "forged.safetensors", {"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, claimed)
+    path = write_raw(
+        tmp_path / "forged.safetensors",
+        {"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+        b"\0" * 4,
+        claimed,
+    )
     msg = refused_small(path)
     assert f"header claims {claimed} bytes" in msg
     assert f"the file has {path.stat().st_size - 8} after the length field" in msg
@@ -129,7 +134,10 @@ def test_offsets_disagree_with_shape(tmp_path: Path) -> None:
     [
         ({"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}, "unknown dtype 'Q4' (known: BF16, BOOL,"),
         ({"dtype": "U8", "shape": [-1], "data_offsets": [0, 1]}, "shape [-1] is not a list of non-negative integers"),
-        ({"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}, "shape [True] is not a list of non-negative integers"),
+        (
+            {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]},
+            "shape [True] is not a list of non-negative integers",
+        ),
         ({"dtype": "U8", "shape": "1", "data_offsets": [0, 1]}, "shape '1' is not a list"),
         ({"dtype": "U8", "shape": [1], "data_offsets": [1, 0]}, "data_offsets [1, 0] are not [begin, end]"),
         ({"dtype": "U8", "shape": [1], "data_offsets": [0]}, "data_offsets [0] are not [begin, end]"),
@@ -139,7 +147,13 @@ def test_offsets_disagree_with_shape(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_entry(tmp_path: Path, entry: object, expected: str) -> None:
-    msg = refused_small(write_raw(tmp_path / "x.safetensors", {"ok": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}, "bad": entry}, b"\0" * 8))
+    msg = refused_small(
+        write_raw(
+            tmp_path / "x.safetensors",
+            {"ok": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}, "bad": entry},
+            b"\0" * 8,
+        )
+    )
     assert "tensor 'bad'" in msg
     assert expected in msg
 

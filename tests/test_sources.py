@@ -65,10 +65,16 @@ def test_detect_format_accepts(qc: dict[str, Any] | None, expected: str) -> None
         ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "per-tensor FP8 is not supported"),
         ({"quant_method": "fp8", "activation_scheme": "static"}, "per-tensor FP8 is not supported"),
         ({**FP8_QUANT_CONFIG, "weight_block_size": [128]}, "fp8 checkpoint without weight_block_size [n, k]"),
-        ({**FP8_QUANT_CONFIG, "activation_scheme": "static"}, "block FP8 needs activation_scheme 'dynamic', got 'static'"),
+        (
+            {**FP8_QUANT_CONFIG, "activation_scheme": "static"},
+            "block FP8 needs activation_scheme 'dynamic', got 'static'",
+        ),
         ({**GPTQ_QUANT_CONFIG, "bits": 8}, "bits=8 (only 4 is supported)"),
         ({**GPTQ_QUANT_CONFIG, "desc_act": True}, "desc_act=true"),
-        ({**GPTQ_QUANT_CONFIG, "checkpoint_format": "gptq_v2"}, "checkpoint_format='gptq_v2' (only the v1 'gptq' layout)"),
+        (
+            {**GPTQ_QUANT_CONFIG, "checkpoint_format": "gptq_v2"},
+            "checkpoint_format='gptq_v2' (only the v1 'gptq' layout)",
+        ),
         ({**GPTQ_QUANT_CONFIG, "group_size": -1}, "group_size=-1 (needs a positive group size such as 128)"),
         ({"quant_method": "awq", "bits": 4}, "quantization_config.quant_method 'awq' is not supported"),
         ({"quant_method": "compressed-tensors"}, "quant_method 'compressed-tensors' is not supported"),
@@ -162,7 +168,9 @@ def test_single_file_without_index(tiny: Any, tmp_path: Path, header_len: Any) -
     path = single / "model.safetensors"
     assert src.total_bytes() == path.stat().st_size - 8 - header_len(path)
 
-    recipe = recipe_from_dict({"sources": {"one": str(single), "bf16": str(tiny.src("bf16"))}, "base": "one", "default": "one"})
+    recipe = recipe_from_dict(
+        {"sources": {"one": str(single), "bf16": str(tiny.src("bf16"))}, "base": "one", "default": "one"}
+    )
     sources = {"one": src, "bf16": Source("bf16", tiny.src("bf16"))}
     plan = build_plan(recipe, sources)
     assert plan.total_bytes == src.total_bytes() == pure_plan(recipe, sources, "bf16").total_bytes

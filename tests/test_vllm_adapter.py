@@ -61,7 +61,9 @@ def test_composed_config_and_recipe_path_agree(composed):
 def test_override_and_missing_recipe_errors():
     from vllm_mixed.config import MixedPrecisionConfig
 
-    assert MixedPrecisionConfig.override_quantization_method({"quant_method": "fp8"}, "mixed", hf_config=None) == "mixed"
+    assert (
+        MixedPrecisionConfig.override_quantization_method({"quant_method": "fp8"}, "mixed", hf_config=None) == "mixed"
+    )
     assert MixedPrecisionConfig.override_quantization_method({"quant_method": "fp8"}, "fp8") is None
     with pytest.raises(MixedError, match="needs a recipe.*vllm-mixed compose"):
         MixedPrecisionConfig.from_config({"quant_method": "fp8", "weight_block_size": [128, 128]})

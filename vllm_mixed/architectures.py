@@ -70,7 +70,9 @@ def qwen3_moe_layers(cfg: dict[str, Any]) -> list[Layer]:
             "Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported yet; "
             "use a checkpoint in which every decoder layer is MoE"
         )
-    layers = [Layer("model.embed_tokens", "embedding", "embed_tokens", (Member("model.embed_tokens", (vocab, hidden)),))]
+    layers = [
+        Layer("model.embed_tokens", "embedding", "embed_tokens", (Member("model.embed_tokens", (vocab, hidden)),))
+    ]
     for i in range(_get(cfg, "num_hidden_layers")):
         p = f"model.layers.{i}"
         attn = f"{p}.self_attn"
@@ -89,7 +91,9 @@ def qwen3_moe_layers(cfg: dict[str, Any]) -> list[Layer]:
             Layer(f"{attn}.o_proj", "linear", "attention", (Member(f"{attn}.o_proj", (hidden, heads * head_dim)),)),
             Layer(f"{attn}.q_norm", "norm", "norms", (Member(f"{attn}.q_norm", (head_dim,)),)),
             Layer(f"{attn}.k_norm", "norm", "norms", (Member(f"{attn}.k_norm", (head_dim,)),)),
-            Layer(f"{p}.post_attention_layernorm", "norm", "norms", (Member(f"{p}.post_attention_layernorm", (hidden,)),)),
+            Layer(
+                f"{p}.post_attention_layernorm", "norm", "norms", (Member(f"{p}.post_attention_layernorm", (hidden,)),)
+            ),
             Layer(f"{p}.mlp.gate", "router", "router", (Member(f"{p}.mlp.gate", (experts, hidden)),)),
             Layer(
                 f"{p}.mlp.experts",
@@ -98,7 +102,11 @@ def qwen3_moe_layers(cfg: dict[str, Any]) -> list[Layer]:
                 tuple(
                     Member(f"{p}.mlp.experts.{e}.{proj}", shape)
                     for e in range(experts)
-                    for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter)))
+                    for proj, shape in (
+                        ("gate_proj", (inter, hidden)),
+                        ("up_proj", (inter, hidden)),
+                        ("down_proj", (hidden, inter)),
+                    )
                 ),
             ),
         ]
@@ -122,6 +130,4 @@ def layers_for(cfg: dict[str, Any], where: str) -> list[Layer]:
                 return ARCHITECTURES[arch](cfg)
             except MixedError as exc:
                 raise MixedError(f"{where}: {exc}") from None
-    raise MixedError(
-        f"{where}: architectures {archs} are not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-    )
+    raise MixedError(f"{where}: architectures {archs} are not supported; supported: {', '.join(sorted(ARCHITECTURES))}")

@@ -43,10 +43,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"recipe {args.recipe}: {len(plan.layers)} layers, {summary['tensors']} tensors, base {recipe.base!r}, dtype {recipe.dtype}")
+    print(
+        f"recipe {args.recipe}: {len(plan.layers)} layers, {summary['tensors']} tensors, base {recipe.base!r}, dtype {recipe.dtype}"
+    )
     print(table(["source", "format", "path"], [(n, s.format, s.path) for n, s in sources.items()]))
     print()
-    rows = [(g["group"], g["source"], g["format"], g["precision"], g["layers"], g["bytes"], human(g["bytes"])) for g in summary["groups"]]
+    rows = [
+        (g["group"], g["source"], g["format"], g["precision"], g["layers"], g["bytes"], human(g["bytes"]))
+        for g in summary["groups"]
+    ]
     print(table(["group", "source", "format", "precision", "layers", "bytes", ""], rows, right={4, 5, 6}))
     print()
     prec = [(p, b, human(b)) for p, b in sorted(summary["bytes_by_precision"].items())]
@@ -56,8 +61,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     vs = [(n, b, human(b), f"{plan.total_bytes / b:.3f}" if b else "-") for n, b in summary["pure_sources"].items()]
     print(table(["all from source", "bytes", "", "this recipe / it"], vs, right={1, 2, 3}))
     for rule in summary["unused_rules"]:
-        print(f"warning: rule {rule['index']} (targets {rule['targets']} -> {rule['source']}) matches no layer", file=sys.stderr)
-    print("note: on the CPU build quantized layers are dequantized to the model dtype at load (memory = the bf16 footprint).")
+        print(
+            f"warning: rule {rule['index']} (targets {rule['targets']} -> {rule['source']}) matches no layer",
+            file=sys.stderr,
+        )
+    print(
+        "note: on the CPU build quantized layers are dequantized to the model dtype at load (memory = the bf16 footprint)."
+    )
     return 0
 
 
@@ -68,7 +78,9 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
     plan = build_plan(load_recipe(args.recipe))
     out = compose(plan, args.output)
-    print(f"composed {out} ({len(plan.layers)} layers from {len(plan.sources)} sources, {human(plan.total_bytes)} of weights)")
+    print(
+        f"composed {out} ({len(plan.layers)} layers from {len(plan.sources)} sources, {human(plan.total_bytes)} of weights)"
+    )
     print(f"serve it: python -m vllm.entrypoints.openai.api_server --model {out} --load-format mixed")
     return 0
 
@@ -100,7 +112,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if _on_cpu():
         elements = sum(math.prod(m.shape) for p in plan.layers for m in p.layer.members)
         size = elements * (2 if plan.recipe.dtype in ("bfloat16", "float16") else 4)
-        print(f"resident on this CPU: {size} B ({human(size)}): the CPU build dequantizes to {plan.recipe.dtype} at load")
+        print(
+            f"resident on this CPU: {size} B ({human(size)}): the CPU build dequantizes to {plan.recipe.dtype} at load"
+        )
     return 0
 
 
@@ -120,7 +134,9 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-mixed", description="Serve one model composed layer by layer from several checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="vllm-mixed", description="Serve one model composed layer by layer from several checkpoints."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="validate a recipe against its checkpoints and print the load plan")
@@ -136,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Hello, world! The capital of France is")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="on the CPU build: the share of RAM for the KV cache")
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.3, help="on the CPU build: the share of RAM for the KV cache"
+    )
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("make-tiny", help="write a tiny random Qwen3-MoE in the three published formats plus a recipe")
     p.add_argument("dir")

@@ -37,9 +37,7 @@ class Composition:
 
     @classmethod
     def from_plan(cls, plan: Any) -> Composition:
-        sources = {
-            n: SourceEntry(str(s.path), s.format, s.quant_config) for n, s in plan.sources.items()
-        }
+        sources = {n: SourceEntry(str(s.path), s.format, s.quant_config) for n, s in plan.sources.items()}
         return cls(plan.recipe, sources, {p.layer.name: (p.source, p.format) for p in plan.layers})
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,7 +62,7 @@ class Composition:
             raise MixedError(
                 f"quantization 'mixed' needs a recipe, but the model's quantization_config is a {method or 'plain'!r} "
                 "checkpoint config; serve a directory written by `vllm-mixed compose RECIPE -o DIR`, or pass "
-                "--hf-overrides '{\"quantization_config\": {\"quant_method\": \"mixed\", \"recipe\": \"/abs/recipe.yaml\"}}'"
+                '--hf-overrides \'{"quantization_config": {"quant_method": "mixed", "recipe": "/abs/recipe.yaml"}}\''
             )
         raw = data.get("recipe")
         if isinstance(raw, str):
@@ -75,10 +73,15 @@ class Composition:
             raise MixedError("quantization_config of quant_method 'mixed' has no 'recipe' (a recipe path or mapping)")
         if "layers" in data and "sources" in data:
             try:
-                sources = {n: SourceEntry(str(s["path"]), str(s["format"]), s.get("quantization_config")) for n, s in data["sources"].items()}
+                sources = {
+                    n: SourceEntry(str(s["path"]), str(s["format"]), s.get("quantization_config"))
+                    for n, s in data["sources"].items()
+                }
                 layers = {str(k): (str(v[0]), str(v[1])) for k, v in data["layers"].items()}
             except (KeyError, TypeError, IndexError) as exc:
-                raise MixedError(f"quantization_config 'mixed' is malformed ({exc!r}); re-run `vllm-mixed compose`") from None
+                raise MixedError(
+                    f"quantization_config 'mixed' is malformed ({exc!r}); re-run `vllm-mixed compose`"
+                ) from None
             return cls(recipe, sources, layers)
         from vllm_mixed.plan import build_plan
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from vllm_mixed import methods as methods_table
@@ -38,7 +38,9 @@ class MixedPrecisionConfig(QuantizationConfig):
 
             for name, src in composition.sources.items():
                 if src.format in methods_table.PRECISIONS and src.quantization_config:
-                    native = build_native_config(src.format, src.quantization_config, composition.quantized_modules(name))
+                    native = build_native_config(
+                        src.format, src.quantization_config, composition.quantized_modules(name)
+                    )
                     # share (not copy) the mapping the model fills in at init
                     native.packed_modules_mapping = self.packed_modules_mapping
                     self.native[name] = native
@@ -69,7 +71,9 @@ class MixedPrecisionConfig(QuantizationConfig):
         return cls(Composition.from_dict(config))
 
     @classmethod
-    def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None) -> str | None:
+    def override_quantization_method(
+        cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None
+    ) -> str | None:
         """Let ``--quantization mixed`` win over a checkpoint's own config."""
         return QUANT_METHOD if user_quant == QUANT_METHOD else None
 
@@ -82,7 +86,7 @@ class MixedPrecisionConfig(QuantizationConfig):
             raise MixedError(
                 "quantization 'mixed' has no recipe: the model directory has no quantization_config of quant_method "
                 "'mixed'. Serve a directory written by `vllm-mixed compose RECIPE -o DIR`, or pass "
-                "--hf-overrides '{\"quantization_config\": {\"quant_method\": \"mixed\", \"recipe\": \"/abs/recipe.yaml\"}}'"
+                '--hf-overrides \'{"quantization_config": {"quant_method": "mixed", "recipe": "/abs/recipe.yaml"}}\''
             )
         return self.composition
 
@@ -98,7 +102,11 @@ class MixedPrecisionConfig(QuantizationConfig):
 
             row = methods_table.PRECISIONS[fmt]
             qc = self.composition.sources[source].quantization_config or {}
-            method = getattr(cpu_dequant, row.cpu_moe)(layer.moe_config, qc) if experts else getattr(cpu_dequant, row.cpu_linear)(qc)
+            method = (
+                getattr(cpu_dequant, row.cpu_moe)(layer.moe_config, qc)
+                if experts
+                else getattr(cpu_dequant, row.cpu_linear)(qc)
+            )
         else:
             method = self.native[source].get_quant_method(layer, prefix)
         self._log(prefix, source, fmt, method)

@@ -154,7 +154,7 @@ class MixedModelLoader(BaseModelLoader):
         missing = sorted(
             name
             for name, p in model.named_parameters()
-            if name not in loaded and p.numel() > 0 and not name.rsplit(".", 1)[-1] in OPTIONAL_UNLOADED_PARAMS
+            if name not in loaded and p.numel() > 0 and name.rsplit(".", 1)[-1] not in OPTIONAL_UNLOADED_PARAMS
         )
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")

@@ -158,7 +158,8 @@ def _resolve(recipe: Recipe, layer: Layer, used_rules: set[int]) -> str:
         more = f" and {len(members) - 4} more" if len(members) > 4 else ""
         parts.append(f"{src} ({'/'.join(rules)}): {shown}{more}")
     raise MixedError(
-        f"fused layer {layer.name!r} would mix sources: " + "; ".join(parts)
+        f"fused layer {layer.name!r} would mix sources: "
+        + "; ".join(parts)
         + ". vLLM runs these members as one GEMM with one precision; make one rule cover the whole layer "
         f"(target {layer.name!r})"
     )

@@ -136,7 +136,9 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise MixedError(f"recipe {path}: YAML syntax error{at}: {problem}; fix the YAML (indentation, quotes, colons)") from None
+        raise MixedError(
+            f"recipe {path}: YAML syntax error{at}: {problem}; fix the YAML (indentation, quotes, colons)"
+        ) from None
     return recipe_from_dict(data, origin=path)
 
 

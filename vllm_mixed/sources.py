@@ -38,7 +38,9 @@ def detect_format(quant_config: dict[str, Any] | None, where: str) -> str:
                 "(such as Qwen/Qwen3-30B-A3B-FP8); per-tensor FP8 is not supported"
             )
         if quant_config.get("activation_scheme", "dynamic") != "dynamic":
-            raise MixedError(f"{where}: block FP8 needs activation_scheme 'dynamic', got {quant_config['activation_scheme']!r}")
+            raise MixedError(
+                f"{where}: block FP8 needs activation_scheme 'dynamic', got {quant_config['activation_scheme']!r}"
+            )
         return "fp8_block"
     if method in ("gptq", "gptq_marlin", "auto_gptq"):
         problems = []
@@ -70,10 +72,14 @@ class Source:
         if not self.path.exists():
             raise MixedError(f"{where}: directory does not exist; fix the path under 'sources:' in the recipe")
         if not self.path.is_dir():
-            raise MixedError(f"{where}: is a file, not a checkpoint directory; point the source at the directory holding config.json")
+            raise MixedError(
+                f"{where}: is a file, not a checkpoint directory; point the source at the directory holding config.json"
+            )
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
-            raise MixedError(f"{where}: no config.json; a source must be a Hugging Face model directory with config.json and safetensors shards")
+            raise MixedError(
+                f"{where}: no config.json; a source must be a Hugging Face model directory with config.json and safetensors shards"
+            )
         try:
             self.config: dict[str, Any] = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -108,7 +114,9 @@ class Source:
                 if not isinstance(raw, dict) or not all(isinstance(f, str) for f in raw.values()):
                     raise TypeError("weight_map must map tensor names to shard file names")
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-                raise MixedError(f"{index}: not a valid safetensors index ({exc}); regenerate or re-download it") from None
+                raise MixedError(
+                    f"{index}: not a valid safetensors index ({exc}); regenerate or re-download it"
+                ) from None
             shards: dict[str, Path] = {}
             for fname in sorted(set(raw.values())):
                 shard = self.path / str(fname)
@@ -127,7 +135,7 @@ class Source:
             raise MixedError(
                 f"{self.where}: holds only PyTorch pickle weights ({', '.join(pickles[:3])}); vllm-mixed reads "
                 "safetensors only and never unpickles. Convert it once, from a source you trust: "
-                "python -c \"from transformers import AutoModelForCausalLM as M; "
+                'python -c "from transformers import AutoModelForCausalLM as M; '
                 f"M.from_pretrained('{self.path}').save_pretrained('OUT', safe_serialization=True)\" "
                 "and point the recipe at OUT"
             )

@@ -115,11 +115,17 @@ def master_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
             if layer.kind == "norm":
                 out[m.name] = 1.0 + 0.1 * torch.randn(m.shape, generator=gen)
             else:
-                out[m.name] = 0.02 * torch.randn(m.shape, generator=gen) if layer.kind != "router" else 0.1 * torch.randn(m.shape, generator=gen)
+                out[m.name] = (
+                    0.02 * torch.randn(m.shape, generator=gen)
+                    if layer.kind != "router"
+                    else 0.1 * torch.randn(m.shape, generator=gen)
+                )
     return out
 
 
-def checkpoint_tensors(cfg: dict[str, Any], master: dict[str, torch.Tensor], fmt: str, qc: dict[str, Any] | None, float_dtype: str) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(
+    cfg: dict[str, Any], master: dict[str, torch.Tensor], fmt: str, qc: dict[str, Any] | None, float_dtype: str
+) -> dict[str, torch.Tensor]:
     """All tensors of one published-format checkpoint: quantizable layers in
     ``fmt``, everything else in ``float_dtype``."""
     unq = FORMATS["unquantized"]

@@ -41,7 +41,11 @@ def write_recipe(tiny_dirs: Path, name: str, directory: Path) -> Path:
     import yaml
 
     body = {
-        "sources": {"bf16": str(tiny_dirs / "bf16"), "fp8": str(tiny_dirs / "fp8"), "int4": str(tiny_dirs / "gptq-int4")},
+        "sources": {
+            "bf16": str(tiny_dirs / "bf16"),
+            "fp8": str(tiny_dirs / "fp8"),
+            "int4": str(tiny_dirs / "gptq-int4"),
+        },
         "base": "bf16",
         "dtype": "bfloat16",
         **RECIPES[name],
@@ -53,16 +57,18 @@ def write_recipe(tiny_dirs: Path, name: str, directory: Path) -> Path:
 
 def run_vllm(model: Path, load_format: str, request: dict, workdir: Path) -> dict:
     """Run vllm_runner.py in a fresh process; fail with its log on error."""
-    req, out = workdir / "request.json", workdir / "result.json"
+    req, out, log_path = workdir / "request.json", workdir / "result.json", workdir / "vllm.log"
     req.write_text(json.dumps(request))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, str(RUNNER), str(model), load_format, str(req), str(out)],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env,
-    )  # fmt: skip
-    (workdir / "vllm.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    # output to a file, not a pipe: a lingering engine process must not hold the test up
+    with log_path.open("w") as log:
+        proc = subprocess.run(
+            [sys.executable, str(RUNNER), str(model), load_format, str(req), str(out)],
+            stdout=log, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    text = log_path.read_text()
+    if not out.exists() or "RUNNER_OK" not in text:
+        raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{text[-6000:]}")
     result = json.loads(out.read_text())
-    result["log"] = proc.stdout + proc.stderr
+    result["log"] = text
     return result

@@ -45,7 +45,9 @@ def server(tiny_dirs, tmp_path):
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"server exited ({proc.returncode}):\n{(tmp_path / 'server.log').read_text()[-5000:]}")
+                raise AssertionError(
+                    f"server exited ({proc.returncode}):\n{(tmp_path / 'server.log').read_text()[-5000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
                     if r.status == 200:
@@ -53,7 +55,9 @@ def server(tiny_dirs, tmp_path):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready in {START_TIMEOUT} s:\n{(tmp_path / 'server.log').read_text()[-5000:]}")
+                raise AssertionError(
+                    f"server not ready in {START_TIMEOUT} s:\n{(tmp_path / 'server.log').read_text()[-5000:]}"
+                )
             time.sleep(1)
         yield base, str(composed), tmp_path / "server.log"
     finally:
@@ -72,8 +76,12 @@ def test_openai_client_completion(server):
     base, model, log = server
     client = OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=60, max_retries=0)
     assert [m.id for m in client.models.list().data] == [model]
-    reply = client.completions.create(model=model, prompt="Hello, world! The capital of France is", max_tokens=8, temperature=0)
-    again = client.completions.create(model=model, prompt="Hello, world! The capital of France is", max_tokens=8, temperature=0)
+    reply = client.completions.create(
+        model=model, prompt="Hello, world! The capital of France is", max_tokens=8, temperature=0
+    )
+    again = client.completions.create(
+        model=model, prompt="Hello, world! The capital of France is", max_tokens=8, temperature=0
+    )
     assert reply.usage.completion_tokens == 8
     assert reply.choices[0].text, "empty completion"
     assert reply.choices[0].text == again.choices[0].text, "greedy completions must repeat"

@@ -43,8 +43,9 @@ if __name__ == "__main__":
     with open(out_path, "w") as f:
         json.dump(out, f)
     print("RUNNER_OK", json.dumps({"init_s": init_s}), flush=True)
+    # Stop the engine-core process explicitly, then leave without interpreter
+    # teardown: vLLM's CPU engine sometimes aborts there ("terminate called
+    # without an active exception") after all work is done.
+    llm.llm_engine.engine_core.shutdown()
     sys.stderr.flush()
-    # vLLM's CPU engine sometimes aborts in interpreter teardown after all
-    # work is done ("terminate called without an active exception"); the
-    # results are written, so leave without the teardown.
     os._exit(0)

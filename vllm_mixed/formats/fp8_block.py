@@ -25,7 +25,9 @@ def block_size(quant_config: dict[str, Any] | None) -> tuple[int, int]:
     return int(block[0]), int(block[1])
 
 
-def expand_block_scale(scale: torch.Tensor, out_features: int, in_features: int, block: tuple[int, int]) -> torch.Tensor:
+def expand_block_scale(
+    scale: torch.Tensor, out_features: int, in_features: int, block: tuple[int, int]
+) -> torch.Tensor:
     """[..., ceil(out/bn), ceil(in/bk)] -> [..., out, in] by repeating each block's scale."""
     bn, bk = block
     full = scale.repeat_interleave(bn, dim=-2).repeat_interleave(bk, dim=-1)
@@ -43,7 +45,9 @@ class Fp8Block:
         bn, bk = block_size(quant_config)
         return {
             "weight": TensorSpec(("F8_E4M3",), (out_features, in_features)),
-            "weight_scale_inv": TensorSpec(("BF16", "F32"), (math.ceil(out_features / bn), math.ceil(in_features / bk))),
+            "weight_scale_inv": TensorSpec(
+                ("BF16", "F32"), (math.ceil(out_features / bn), math.ceil(in_features / bk))
+            ),
         }
 
     def quantize(
@@ -68,7 +72,9 @@ class Fp8Block:
     ) -> torch.Tensor:
         w = tensors["weight"]
         out_features, in_features = w.shape[-2:]
-        scale = expand_block_scale(tensors["weight_scale_inv"].to(dtype), out_features, in_features, block_size(quant_config))
+        scale = expand_block_scale(
+            tensors["weight_scale_inv"].to(dtype), out_features, in_features, block_size(quant_config)
+        )
         return w.to(dtype) * scale
 
 

@@ -56,7 +56,9 @@ class CpuDequantFp8BlockLinearMethod(UnquantizedLinearMethod):
         self.quant_config = quant_config
         self.block = list(block_size(quant_config))
 
-    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype, **extra):
+    def create_weights(
+        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype, **extra
+    ):
         loader = extra.get("weight_loader")
         out = sum(output_partition_sizes)
         layer.orig_dtype = params_dtype
@@ -91,7 +93,9 @@ class CpuDequantGptqLinearMethod(UnquantizedLinearMethod):
         self.quant_config = quant_config
         self.group = int(quant_config["group_size"])
 
-    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype, **extra):
+    def create_weights(
+        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype, **extra
+    ):
         loader = extra.get("weight_loader")
         k, n = input_size_per_partition, sum(output_partition_sizes)
         group = self.group if self.group != -1 else input_size
@@ -138,7 +142,9 @@ class CpuDequantFp8BlockMoEMethod(UnquantizedFusedMoEMethod):
             "w13_weight_scale_inv": torch.full(
                 (num_experts, shards * ((inter + bn - 1) // bn), (hidden_size + bk - 1) // bk), torch.nan
             ),
-            "w2_weight_scale_inv": torch.full((num_experts, (hidden_size + bn - 1) // bn, (inter + bk - 1) // bk), torch.nan),
+            "w2_weight_scale_inv": torch.full(
+                (num_experts, (hidden_size + bn - 1) // bn, (inter + bk - 1) // bk), torch.nan
+            ),
         }
         for name, data in params.items():
             p = torch.nn.Parameter(data, requires_grad=False)
@@ -149,8 +155,12 @@ class CpuDequantFp8BlockMoEMethod(UnquantizedFusedMoEMethod):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         qc = self.quant_config
-        w13 = FP8_BLOCK.dequantize({"weight": layer.w13_weight.data, "weight_scale_inv": layer.w13_weight_scale_inv.data}, qc, _WORK)
-        w2 = FP8_BLOCK.dequantize({"weight": layer.w2_weight.data, "weight_scale_inv": layer.w2_weight_scale_inv.data}, qc, _WORK)
+        w13 = FP8_BLOCK.dequantize(
+            {"weight": layer.w13_weight.data, "weight_scale_inv": layer.w13_weight_scale_inv.data}, qc, _WORK
+        )
+        w2 = FP8_BLOCK.dequantize(
+            {"weight": layer.w2_weight.data, "weight_scale_inv": layer.w2_weight_scale_inv.data}, qc, _WORK
+        )
         _swap_in_weight(
             layer,
             ("w13_weight_scale_inv", "w2_weight_scale_inv"),
@@ -177,7 +187,9 @@ class CpuDequantGptqMoEMethod(UnquantizedFusedMoEMethod):
         g13 = hidden_size // self.group if self.group != -1 else 1
         g2 = inter // self.group if self.group != -1 else 1
         layer.orig_dtype = params_dtype
-        strategy = (FusedMoeWeightScaleSupported.GROUP if self.group != -1 else FusedMoeWeightScaleSupported.CHANNEL).value
+        strategy = (
+            FusedMoeWeightScaleSupported.GROUP if self.group != -1 else FusedMoeWeightScaleSupported.CHANNEL
+        ).value
         attrs = {**extra, "quant_method": strategy, "is_transposed": True}
         i32 = torch.int32
         params = {

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Oracle parity on the lent GPU (vLLM 0.26 from the device bundle).
+
+Writes the tiny model in the three published formats with the project's own
+writers, composes the four recipes, and runs each in its own process:
+stock vLLM on the bf16 / fp8 / gptq directories, and the plugin
+(``load_format="mixed"``) on all-bf16 / all-fp8 / all-int4 / mix. Checks:
+pure recipes give exactly stock's greedy tokens (32 tokens, several prompts);
+the mix is within the serve issue's tolerance of the float32 reference.
+
+Usage (device, after the bundle's env.sh): python3 benchmarks/gpu_oracle.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_rng = random.Random(7)
+PROMPTS = [[_rng.randrange(3, 1000) for _ in range(n)] for n in (6, 12, 20, 9)]
+TEACHER = [[_rng.randrange(3, 1000) for _ in range(40)] for _ in range(3)]
+MAX_TOKENS = 32
+
+
+def child(model: str, load_format: str, out: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model, load_format=load_format, dtype="bfloat16", enforce_eager=True, attention_backend="TRITON_ATTN",
+              max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.25, seed=0, skip_tokenizer_init=True)  # fmt: skip
+    init = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], sp, use_tqdm=False)
+    tf = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=20, detokenize=False)
+    teach = llm.generate([TokensPrompt(prompt_token_ids=p) for p in TEACHER], tf, use_tqdm=False)
+    res = {
+        "init_s": init,
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "teacher": [
+            [{str(k): [v.logprob, v.rank] for k, v in lp.items()} for lp in o.prompt_logprobs[1:]] for o in teach
+        ],
+    }
+    Path(out).write_text(json.dumps(res))
+    os._exit(0)
+
+
+def run(name: str, model: Path, load_format: str, out_dir: Path) -> dict:
+    out = out_dir / f"{name}.json"
+    log = out_dir / f"{name}.log"
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", str(model), load_format, str(out)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=400,
+        )
+    text = log.read_text()
+    if proc.returncode != 0 or not out.exists():
+        print(f"[{name}] FAILED rc={proc.returncode}\n" + text[-4000:], flush=True)
+        return {"ok": False, "log_tail": text[-3000:]}
+    res = json.loads(out.read_text())
+    res["ok"] = True
+    res["wall_s"] = time.perf_counter() - t0
+    res["methods"] = sorted(set(re.findall(r"vllm-mixed: (.+? via \w+)", text)))
+    res["kernels"] = sorted(set(re.findall(r"(Using \w+(?: \w+)? (?:for|kernel|backend)[^\n]*)", text)))[:12]
+    print(f"[{name}] ok init {res['init_s']:.1f}s", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/vllm-mixed-oracle")
+    args = ap.parse_args()
+    import yaml
+
+    from tests.e2e.reference import compare, hf_model, teacher_forced_logprobs
+    from vllm_mixed.compose import compose
+    from vllm_mixed.plan import build_plan
+    from vllm_mixed.recipe import load_recipe
+    from vllm_mixed.tiny import make_tiny
+
+    out_dir, work = Path(args.out), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    make_tiny(work / "tiny")
+    src = {"bf16": str(work / "tiny/bf16"), "fp8": str(work / "tiny/fp8"), "int4": str(work / "tiny/gptq-int4")}
+    recipes = {
+        "all-bf16": ("bf16", []),
+        "all-fp8": ("fp8", []),
+        "all-int4": ("int4", []),
+        "mix": ("bf16", [{"targets": ["model.layers.*.mlp.experts"], "source": "int4"}]),
+    }
+    plans, composed = {}, {}
+    for name, (default, rules) in recipes.items():
+        path = work / f"{name}.yaml"
+        path.write_text(
+            yaml.safe_dump({"sources": src, "base": "bf16", "default": default, "dtype": "bfloat16", "rules": rules})
+        )
+        plans[name] = build_plan(load_recipe(path))
+        composed[name] = compose(plans[name], work / name)
+
+    results = {
+        "stock-bf16": run("stock-bf16", work / "tiny/bf16", "auto", out_dir),
+        "stock-fp8": run("stock-fp8", work / "tiny/fp8", "auto", out_dir),
+        "stock-gptq": run("stock-gptq", work / "tiny/gptq-int4", "auto", out_dir),
+    }
+    for name in recipes:
+        results[name] = run(name, composed[name], "mixed", out_dir)
+
+    oracle = {"all-bf16": "stock-bf16", "all-fp8": "stock-fp8", "all-int4": "stock-gptq"}
+    rows = []
+    for name in recipes:
+        r = results[name]
+        row = {"recipe": name, "ok": r["ok"]}
+        if r["ok"]:
+            model = hf_model(plans[name])
+            stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, r["teacher"])]
+            n = sum(s["positions"] for s in stats)
+            row["top1_vs_fp32_ref"] = sum(s["top1_agreement"] * s["positions"] for s in stats) / n
+            row["worst_logprob_gap"] = max(s["worst_logprob_gap"] for s in stats)
+            row["methods"] = r["methods"]
+            if name in oracle and results[oracle[name]]["ok"]:
+                row["same_greedy_as_stock"] = r["tokens"] == results[oracle[name]]["tokens"]
+        rows.append(row)
+    (out_dir / "oracle.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "results": {k: {kk: vv for kk, vv in v.items() if kk != "teacher"} for k, v in results.items()},
+            },
+            indent=1,
+        )
+    )
+    print("\nrecipe     same greedy as stock   top-1 vs fp32 ref   worst |dlogprob|")
+    for row in rows:
+        if not row["ok"]:
+            print(f"{row['recipe']:10s} FAILED")
+            continue
+        same = row.get("same_greedy_as_stock", "n/a (mix)")
+        print(
+            f"{row['recipe']:10s} {str(same):22s} {row['top1_vs_fp32_ref']:.3f}               {row['worst_logprob_gap']:.3f}"
+        )
+    for row in rows:
+        for m in row.get("methods", []):
+            print(f"  {row['recipe']}: {m}")
+    for name, r in results.items():
+        if r["ok"]:
+            print(f"  {name} kernels: {'; '.join(r['kernels'][:4])}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(*sys.argv[2:5])
+    else:
+        main()
