@@ -38,7 +38,7 @@ def child(model: str, load_format: str, out: str) -> None:
 
     t0 = time.perf_counter()
     llm = LLM(model=model, load_format=load_format, dtype="bfloat16", enforce_eager=True, attention_backend="TRITON_ATTN",
-              max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.25, seed=0, skip_tokenizer_init=True)  # fmt: skip
+              max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.08, seed=0, skip_tokenizer_init=True)  # fmt: skip
     init = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], sp, use_tqdm=False)
@@ -52,6 +52,7 @@ def child(model: str, load_format: str, out: str) -> None:
         ],
     }
     Path(out).write_text(json.dumps(res))
+    llm.llm_engine.engine_core.shutdown()  # free the GPU before the next row starts
     os._exit(0)
 
 
@@ -60,12 +61,19 @@ def run(name: str, model: Path, load_format: str, out_dir: Path) -> dict:
     log = out_dir / f"{name}.log"
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, __file__, "--child", str(model), load_format, str(out)],
             stdout=f,
             stderr=subprocess.STDOUT,
-            timeout=400,
+            start_new_session=True,
         )
+        try:
+            proc.wait(timeout=400)
+        finally:
+            try:
+                os.killpg(proc.pid, 9)  # whatever the row left running
+            except ProcessLookupError:
+                pass
     text = log.read_text()
     if proc.returncode != 0 or not out.exists():
         print(f"[{name}] FAILED rc={proc.returncode}\n" + text[-4000:], flush=True)
@@ -92,8 +100,9 @@ def main() -> None:
     from vllm_mixed.recipe import load_recipe
     from vllm_mixed.tiny import make_tiny
 
-    out_dir, work = Path(args.out), Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    final, work = Path(args.out), Path(args.work)
+    out_dir = work / "rows"  # per-row logs; packed into one file at the end
+    out_dir.mkdir(parents=True, exist_ok=True)
     make_tiny(work / "tiny")
     src = {"bf16": str(work / "tiny/bf16"), "fp8": str(work / "tiny/fp8"), "int4": str(work / "tiny/gptq-int4")}
     recipes = {
@@ -134,7 +143,8 @@ def main() -> None:
             if name in oracle and results[oracle[name]]["ok"]:
                 row["same_greedy_as_stock"] = r["tokens"] == results[oracle[name]]["tokens"]
         rows.append(row)
-    (out_dir / "oracle.json").write_text(
+    subprocess.run(["tar", "czf", str(final / "oracle-logs.tar.gz"), "-C", str(out_dir), "."], check=False)
+    (final / "oracle.json").write_text(
         json.dumps(
             {
                 "rows": rows,

@@ -21,12 +21,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 from vllm.logger import init_logger
-from vllm.model_executor.model_loader import BaseModelLoader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.plan import LoadPlan, build_plan
 from vllm_mixed.safetensors_header import TensorInfo
-from vllm_mixed.vllm_compat import OPTIONAL_UNLOADED_PARAMS
+from vllm_mixed.vllm_compat import OPTIONAL_UNLOADED_PARAMS, normalize_param_name
 
 __all__ = ["MixedModelLoader", "stream_plan"]
 
@@ -151,10 +151,13 @@ class MixedModelLoader(BaseModelLoader):
     def _check_complete(model: torch.nn.Module, loaded: set[str] | None) -> None:
         if loaded is None:
             return
+        done = {normalize_param_name(n) for n in loaded}
         missing = sorted(
             name
             for name, p in model.named_parameters()
-            if name not in loaded and p.numel() > 0 and name.rsplit(".", 1)[-1] not in OPTIONAL_UNLOADED_PARAMS
+            if normalize_param_name(name) not in done
+            and p.numel() > 0
+            and name.rsplit(".", 1)[-1] not in OPTIONAL_UNLOADED_PARAMS
         )
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")

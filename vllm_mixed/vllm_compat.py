@@ -11,6 +11,7 @@ from functools import cache
 
 __all__ = [
     "OPTIONAL_UNLOADED_PARAMS",
+    "normalize_param_name",
     "is_cpu",
     "routed_experts_cls",
     "supports_g_idx",
@@ -19,7 +20,10 @@ __all__ = [
 # Parameters a vLLM method may register that a checkpoint need not provide:
 # GPTQ-MoE's zero-initialised biases (>= 0.27) and the act-order index buffers
 # that 0.26 fills itself when desc_act is false.
-OPTIONAL_UNLOADED_PARAMS = ("w13_bias", "w2_bias", "g_idx_sort_indices", "w13_g_idx", "w2_g_idx", "g_idx")
+OPTIONAL_UNLOADED_PARAMS = (
+    "w13_bias", "w2_bias", "g_idx", "g_idx_sort_indices", "w13_g_idx", "w2_g_idx",
+    "w13_g_idx_sort_indices", "w2_g_idx_sort_indices",
+)  # fmt: skip
 
 
 @cache
@@ -44,6 +48,12 @@ def supports_g_idx() -> bool:
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
     return not hasattr(QuantizationConfig, "get_checkpoint_weight_mapper")
+
+
+def normalize_param_name(name: str) -> str:
+    """Expert parameters live on ``mlp.experts.routed_experts``; 0.32 reports
+    them loaded under that name, 0.26 without the ``routed_experts`` part."""
+    return name.replace(".routed_experts.", ".")
 
 
 def accepts_kwarg(fn: object, name: str) -> bool:

@@ -22,6 +22,6 @@ def build_native_config(fmt: str, quant_config: dict[str, Any], quantized_module
         # vLLM fills modules_in_block_to_quantize from safetensors dtypes in
         # maybe_update_config, which is never called for a sub-config; the
         # MoE-WNA16 fallback needs quant_method in the dict.
-        cfg = {**quant_config, "quant_method": "gptq", "modules_in_block_to_quantize": [quantized_modules]}
+        cfg = {**quant_config, "quant_method": "gptq", "modules_in_block_to_quantize": list(quantized_modules)}
         return AutoGPTQConfig.from_config(cfg)
     raise ValueError(f"no vLLM config for format {fmt!r}")
