@@ -25,7 +25,7 @@ $(STAMP): setup.py Makefile
 test: $(STAMP)
 	$(VPY) -m pytest tests
 
-# on the GPU machine (see benchmarks/README or README.md): runs only tests marked gpu
+# on the GPU machine, after `. benchmarks/device_setup.sh` (see benchmarks/RESULTS.md): only tests marked gpu
 test-gpu:
 	python3 -m pytest -m gpu tests
 

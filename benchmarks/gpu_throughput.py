@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -110,10 +111,17 @@ def bench(name: str, model: Path, out: Path, timeout: int) -> dict:
     ]
     t0 = time.perf_counter()
     with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
+        finally:
+            try:
+                os.killpg(proc.pid, 9)  # the engine core must not hold the GPU for the next row
+            except ProcessLookupError:
+                pass
+            time.sleep(3)
     text = log.read_text()
     row = {"row": name, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
     if js.exists():
