@@ -7,7 +7,6 @@ which routes every layer to the expected scheme. No vLLM engine is started."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import TinyModel
 from vllm_mixed.errors import MixedError
-from vllm_mixed.export import add_export_arguments, export
+from vllm_mixed.export import export
 from vllm_mixed.formats import FORMATS
 from vllm_mixed.plan import LoadPlan, build_plan
 from vllm_mixed.recipe import load_recipe
@@ -289,15 +288,15 @@ def test_refuses_nonsymmetric_zero_points(tiny, tmp_path):
 
 
 def test_cmd_export(tiny_ro, tmp_path, capsys):
-    from vllm_mixed.export import cmd_export
+    from vllm_mixed.cli import build_parser, main
 
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
-    args = parser.parse_args([str(tiny_ro.recipe()), "-o", str(tmp_path / "out"), "--shard-size", "1MiB"])
-    assert args.func is cmd_export and args.shard_size == 2**20
-    assert args.func(args) == 0
+    args = build_parser().parse_args(
+        ["export", str(tiny_ro.recipe()), "-o", str(tmp_path / "out"), "--shard-size", "1MiB"]
+    )
+    assert args.shard_size == 2**20
+    assert main(["export", str(tiny_ro.recipe()), "-o", str(tmp_path / "out"), "--shard-size", "1MiB"]) == 0
     printed = capsys.readouterr().out
     assert f"exported {tmp_path / 'out'}" in printed and "shards" in printed and "vllm serve" in printed
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
     with pytest.raises(SystemExit):
-        parser.parse_args([str(tiny_ro.recipe()), "-o", "x", "--shard-size", "lots"])
+        build_parser().parse_args(["export", str(tiny_ro.recipe()), "-o", "x", "--shard-size", "lots"])

@@ -81,7 +81,7 @@ def test_bytes_equal_safetensors_sizes(tiny_master: Path) -> None:
     assert sum(row[-1] for row in groups) == plan.total_bytes
     assert sum(row[-2] for row in groups) == len(plan.layers)
     experts_rows = [row for row in groups if row[0] == "experts"]
-    assert experts_rows == [("experts", "int4", "gptq_int4", "int4-g128", 2, sum(int4.values()))]
+    assert experts_rows == [("experts", "int4", "gptq_int4", "int4-g128", "experts", 2, sum(int4.values()))]
 
 
 @pytest.mark.parametrize("name,directory", [("bf16", "bf16"), ("fp8", "fp8"), ("int4", "gptq-int4")])
@@ -275,3 +275,31 @@ def test_default_only_recipes(tiny_ro: Any, header_len: Any) -> None:
         plan = plan_of(tiny_ro.recipe(default=name, rules=[]))
         assert {p.source for p in plan.layers} == {name}
         assert plan.total_bytes == data_bytes(tiny_ro.src(directory), header_len)
+
+
+def test_plan_predicts_vllm_methods(tiny_ro: Any) -> None:
+    """`plan --json` names the vLLM method each group will run (the GPU run's
+    load log printed the same classes: benchmarks/RESULTS.md)."""
+    import json as _json
+
+    from vllm_mixed.cli import main
+
+    rules = [
+        {"targets": ["model.layers.*.mlp.experts"], "source": "int4"},
+        {"targets": ["model.layers.*.self_attn.o_proj"], "source": "fp8"},
+    ]
+    out = tiny_ro.run_json(tiny_ro.recipe(rules=rules)) if hasattr(tiny_ro, "run_json") else None
+    if out is None:
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["plan", str(tiny_ro.recipe(rules=rules)), "--json"]) == 0
+        out = _json.loads(buf.getvalue())
+    methods = {(g["group"], g["format"]): (g["vllm_method_gpu"], g["vllm_method_cpu"]) for g in out["groups"]}
+    assert methods[("experts", "gptq_int4")] == ("AutoGPTQMoEMethod", "CpuDequantGptqMoEMethod")
+    assert methods[("attention", "fp8_block")] == ("Fp8LinearMethod", "CpuDequantFp8BlockLinearMethod")
+    assert methods[("attention", "unquantized")] == ("UnquantizedLinearMethod", "UnquantizedLinearMethod")
+    assert methods[("router", "unquantized")][0] == "UnquantizedLinearMethod"
+    assert methods[("embed_tokens", "unquantized")] == ("-", "-")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -49,10 +50,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(table(["source", "format", "path"], [(n, s.format, s.path) for n, s in sources.items()]))
     print()
     rows = [
-        (g["group"], g["source"], g["format"], g["precision"], g["layers"], g["bytes"], human(g["bytes"]))
+        (
+            g["group"],
+            g["source"],
+            g["format"],
+            g["precision"],
+            g["layers"],
+            g["bytes"],
+            human(g["bytes"]),
+            g["vllm_method_gpu"],
+            g["vllm_method_cpu"],
+        )  # fmt: skip
         for g in summary["groups"]
     ]
-    print(table(["group", "source", "format", "precision", "layers", "bytes", ""], rows, right={4, 5, 6}))
+    headers = ["group", "source", "format", "precision", "layers", "bytes", "", "vLLM method (CUDA)", "(CPU build)"]
+    print(table(headers, rows, right={4, 5, 6}))
     print()
     prec = [(p, b, human(b)) for p, b in sorted(summary["bytes_by_precision"].items())]
     prec.append(("total", plan.total_bytes, human(plan.total_bytes)))
@@ -124,6 +136,24 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MiB`` or a plain number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vllm_mixed.export import cmd_export as run  # compressed-tensors: imported only when used
+
+    return run(args)
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from vllm_mixed.tiny import make_tiny
 
@@ -156,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory-utilization", type=float, default=0.3, help="on the CPU build: the share of RAM for the KV cache"
     )
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("export", help="write one compressed-tensors checkpoint that stock vLLM serves")
+    p.add_argument("recipe")
+    p.add_argument("-o", "--output", required=True, help="directory to write (new or empty)")
+    p.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="about this much per shard (default 5GB)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("make-tiny", help="write a tiny random Qwen3-MoE in the three published formats plus a recipe")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

@@ -65,7 +65,7 @@ from vllm_mixed.formats.fp8_block import block_size
 from vllm_mixed.plan import LoadPlan, PlannedLayer
 from vllm_mixed.safetensors_header import TensorInfo
 
-__all__ = ["DEFAULT_SHARD_BYTES", "add_export_arguments", "cmd_export", "export"]
+__all__ = ["DEFAULT_SHARD_BYTES", "cmd_export", "export"]
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's usual "5GB"
 INDEX = "model.safetensors.index.json"
@@ -392,30 +392,9 @@ def _write_config(plan: LoadPlan, out: Path, qconfig: QuantizationConfig | None)
         ModelCompressor(quantization_config=qconfig).update_config(str(out))
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def _parse_size(text: str) -> int:
-    """``5GB``, ``500MiB`` or a plain number of bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).upper() if m else None
-    if m is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``export`` subcommand's arguments, read by :func:`cmd_export`."""
-    parser.add_argument("recipe")
-    parser.add_argument("-o", "--output", required=True, help="directory to write (new or empty)")
-    parser.add_argument(
-        "--shard-size", type=_parse_size, default=DEFAULT_SHARD_BYTES, help="about this much per shard (default 5GB)"
-    )
-    parser.set_defaults(func=cmd_export)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    """``vllm-mixed export RECIPE -o DIR [--shard-size 5GB]``."""
+    """``vllm-mixed export RECIPE -o DIR [--shard-size 5GB]`` (arguments
+    defined in :mod:`vllm_mixed.cli`, which imports this module lazily)."""
     from vllm_mixed.cli import human
     from vllm_mixed.plan import build_plan
     from vllm_mixed.recipe import load_recipe

@@ -19,6 +19,7 @@ from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import FORMATS
 from vllm_mixed.formats.base import TensorSpec
 from vllm_mixed.formats.unquantized import FLOAT_DTYPES
+from vllm_mixed.methods import predicted_methods
 from vllm_mixed.recipe import Recipe
 from vllm_mixed.safetensors_header import TensorInfo
 from vllm_mixed.sources import Source
@@ -62,11 +63,12 @@ class LoadPlan:
             out[p.precision] += p.nbytes
         return dict(out)
 
-    def groups(self) -> list[tuple[str, str, str, str, int, int]]:
-        """Rows (group, source, format, precision, layer count, bytes), in model order."""
-        rows: dict[tuple[str, str, str, str], list[int]] = {}
+    def groups(self) -> list[tuple[str, str, str, str, str, int, int]]:
+        """Rows (group, source, format, precision, layer kind, layer count,
+        bytes), in model order."""
+        rows: dict[tuple[str, str, str, str, str], list[int]] = {}
         for p in self.layers:
-            key = (p.layer.group, p.source, p.format, p.precision)
+            key = (p.layer.group, p.source, p.format, p.precision, p.layer.kind)
             row = rows.setdefault(key, [0, 0])
             row[0] += 1
             row[1] += p.nbytes
@@ -229,8 +231,17 @@ def plan_summary(plan: LoadPlan, pure: dict[str, LoadPlan]) -> dict[str, Any]:
         "recipe": plan.recipe.to_dict(),
         "sources": {n: {"path": str(s.path), "format": s.format} for n, s in plan.sources.items()},
         "groups": [
-            {"group": g, "source": s, "format": f, "precision": p, "layers": n, "bytes": b}
-            for g, s, f, p, n, b in plan.groups()
+            {
+                "group": g,
+                "source": s,
+                "format": f,
+                "precision": p,
+                "layers": n,
+                "bytes": b,
+                "vllm_method_gpu": predicted_methods(kind, f)[0],
+                "vllm_method_cpu": predicted_methods(kind, f)[1],
+            }  # fmt: skip
+            for g, s, f, p, kind, n, b in plan.groups()
         ],
         "bytes_by_precision": plan.bytes_by_precision(),
         "total_bytes": plan.total_bytes,
