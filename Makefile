@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= /tmp/vllm-mixed-demo
 PIPQ   := $(VPY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install test test-gpu demo clean
+.PHONY: install test test-gpu demo fuzz clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ demo: $(STAMP)
 	$(VENV)/bin/vllm-mixed plan $(DEMO)/recipe.yaml
 	$(VENV)/bin/vllm-mixed compose $(DEMO)/recipe.yaml -o $(DEMO)/mix
 	VLLM_CPU_KVCACHE_SPACE=1 $(VENV)/bin/vllm-mixed generate $(DEMO)/mix 2>&1 | grep -v -E "^(\(\w+ pid=[0-9]+\) )?(INFO|WARNING|DEBUG)" 
+
+# property-based fuzzing of the recipe and safetensors-header parsers, 10,000 examples each
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(VPY) -m pytest tests/test_fuzz.py -q --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -66,7 +66,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise MixedError(f"{path}: shard file is missing; restore it or re-download the checkpoint") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, over-long ints, deep nesting
         raise MixedError(f"{path}: safetensors header is not valid JSON ({exc}); {fix}") from None
     if not isinstance(header, dict):
         raise MixedError(f"{path}: safetensors header is not a JSON object; {fix}")
@@ -85,7 +85,7 @@ def _entry(path: Path, name: str, entry: object, data_start: int, data_size: int
     if not isinstance(entry, dict):
         raise MixedError(f"{bad} ({entry!r}); {fix}")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise MixedError(f"{bad}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPE_SIZES))}); {fix}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise MixedError(f"{bad}: shape {shape!r} is not a list of non-negative integers; {fix}")

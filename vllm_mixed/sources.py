@@ -82,7 +82,7 @@ class Source:
             )
         try:
             self.config: dict[str, Any] = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise MixedError(f"{cfg_path}: not valid JSON ({exc}); restore the checkpoint's config.json") from None
         if not isinstance(self.config, dict):
             raise MixedError(f"{cfg_path}: expected a JSON object; restore the checkpoint's config.json")
@@ -113,7 +113,7 @@ class Source:
                 raw = data["weight_map"]
                 if not isinstance(raw, dict) or not all(isinstance(f, str) for f in raw.values()):
                     raise TypeError("weight_map must map tensor names to shard file names")
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            except (ValueError, RecursionError, KeyError, TypeError) as exc:
                 raise MixedError(
                     f"{index}: not a valid safetensors index ({exc}); regenerate or re-download it"
                 ) from None
