@@ -165,10 +165,20 @@ def test_relative_sources_resolve_against_recipe_directory(tmp_path: Path, monke
     assert load_recipe(Path("deep/recipes") / path.name).sources == recipe.sources
 
 
-def test_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_paths_are_data_not_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``~``, variable or shell expansion: a recipe is data."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    recipe = load_recipe(write(tmp_path, {"sources": {"a": "~/models/x"}, "base": "a"}))
-    assert recipe.sources["a"] == str((tmp_path / "home" / "models" / "x").resolve())
+    monkeypatch.setenv("MODELS", str(tmp_path / "models"))
+    recipe = load_recipe(write(tmp_path, {"sources": {"a": "~/x", "b": "$MODELS/y"}, "base": "a"}))
+    assert recipe.sources["a"] == str((tmp_path / "~" / "x").resolve())
+    assert recipe.sources["b"] == str((tmp_path / "$MODELS" / "y").resolve())
+
+
+def test_binary_recipe_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(MixedError, match="not UTF-8 text"):
+        load_recipe(path)
 
 
 def test_without_origin_paths_resolve_against_working_directory(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_mixed.errors import MixedError
+from vllm_mixed.evaluate import add_eval_arguments
 
 __all__ = ["main"]
 
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="directory to write (new or empty)")
     p.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="about this much per shard (default 5GB)")
     p.set_defaults(func=cmd_export)
+    add_eval_arguments(
+        sub.add_parser("eval", help="KL, top-1 agreement and perplexity of a recipe against a reference source, on vLLM")
+    )
     p = sub.add_parser("make-tiny", help="write a tiny random Qwen3-MoE in the three published formats plus a recipe")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

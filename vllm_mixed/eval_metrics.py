@@ -47,6 +47,7 @@ class Scores:
     ppl_delta: float
     ppl_delta_rel: float
     kl_method: str
+    reference_mass: float  # mean probability mass of the reference's returned logprobs (1.0: full)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +121,7 @@ def score_positions(
     agree = 0
     nll_ref: list[float] = []
     nll_rec: list[float] = []
+    mass: list[float] = []
     full = True
     for n, (ids, ref_rows, rec_rows) in enumerate(zip(token_ids, reference, recipe)):
         if not (len(ref_rows) == len(rec_rows) == max(len(ids) - 1, 0)):
@@ -131,6 +133,7 @@ def score_positions(
             if actual not in p or actual not in q:
                 raise ValueError(f"prompt {n} position {i + 1}: the actual token {actual} has no logprob")
             full = full and len(p) >= vocab_size and len(q) >= vocab_size
+            mass.append(math.fsum(math.exp(v) for v in p.values()))
             kls.append(position_kl(p, q, vocab_size, top_k))
             agree += top1(p) == top1(q)
             nll_ref.append(-p[actual])
@@ -150,4 +153,5 @@ def score_positions(
         ppl_delta=ppl_rec - ppl_ref,
         ppl_delta_rel=ppl_rec / ppl_ref - 1.0,
         kl_method=kl_method(top_k, vocab_size, full),
+        reference_mass=min(math.fsum(mass) / len(mass), 1.0),
     )

@@ -47,8 +47,10 @@ def run_request(request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     prompts = [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=list(p)) for p in request["prompts"]]
     # max_tokens=1: only the prompt is scored, the one sampled token is ignored;
     # no detokenizing of the (up to vocabulary-many) logprob tokens, flat lists
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False)
-    params.flat_logprobs = True  # a plain attribute where a release lacks it: then dicts come back
+    options: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": top_k, "detokenize": False}
+    if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):  # releases without it return dicts
+        options["flat_logprobs"] = True
+    params = SamplingParams(**options)
     start = time.perf_counter()
     try:
         outputs = llm.generate(prompts, params, use_tqdm=False)

@@ -116,7 +116,7 @@ def recipe_from_dict(data: Any, origin: str | Path | None = None) -> Recipe:
     root = Path(origin).resolve().parent if origin else Path.cwd()
     if isinstance(data.get("sources"), dict):
         data["sources"] = {
-            str(k): str((root / Path(str(v)).expanduser()).resolve()) if isinstance(v, str | Path) else v
+            str(k): _resolve_source(where, str(k), v, root) if isinstance(v, str | Path) else v
             for k, v in data["sources"].items()
         }
     try:
@@ -125,13 +125,27 @@ def recipe_from_dict(data: Any, origin: str | Path | None = None) -> Recipe:
         raise MixedError(_explain(exc, where)) from None
 
 
+def _resolve_source(where: str, name: str, value: str | Path, root: Path) -> str:
+    """An absolute path for a source: relative paths resolve against the
+    recipe's directory. Paths are data: no ``~``, variable or shell expansion."""
+    text = str(value)
+    if "\x00" in text or not text.strip():
+        raise MixedError(f"{where}: sources.{name}: {text!r} is not a directory path; write the checkpoint directory")
+    try:
+        return str((root / text).resolve())
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise MixedError(f"{where}: sources.{name}: cannot resolve {text!r} ({exc}); write the checkpoint directory") from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file."""
     path = Path(path)
     if not path.is_file():
         raise MixedError(f"recipe {path}: no such file; pass the path of a recipe YAML (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MixedError(f"recipe {path}: not UTF-8 text; a recipe is a YAML file (see configs/)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
