@@ -194,10 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="about this much per shard (default 5GB)")
     p.set_defaults(func=cmd_export)
     add_bench_arguments(
-        sub.add_parser("bench", help="vLLM's offline throughput benchmark on the recipe and each pure source, one table")
+        sub.add_parser(
+            "bench", help="vLLM's offline throughput benchmark on the recipe and each pure source, one table"
+        )
     )  # arguments after `--` go to `vllm bench throughput`
     add_eval_arguments(
-        sub.add_parser("eval", help="KL, top-1 agreement and perplexity of a recipe against a reference source, on vLLM")
+        sub.add_parser(
+            "eval", help="KL, top-1 agreement and perplexity of a recipe against a reference source, on vLLM"
+        )
     )
     p = sub.add_parser("make-tiny", help="write a tiny random Qwen3-MoE in the three published formats plus a recipe")
     p.add_argument("dir")

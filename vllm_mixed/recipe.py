@@ -134,7 +134,9 @@ def _resolve_source(where: str, name: str, value: str | Path, root: Path) -> str
     try:
         return str((root / text).resolve())
     except (OSError, RuntimeError, ValueError) as exc:
-        raise MixedError(f"{where}: sources.{name}: cannot resolve {text!r} ({exc}); write the checkpoint directory") from None
+        raise MixedError(
+            f"{where}: sources.{name}: cannot resolve {text!r} ({exc}); write the checkpoint directory"
+        ) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
