@@ -288,7 +288,7 @@ def _compose_rows(args: argparse.Namespace) -> dict[str, tuple[str | None, LoadP
     rows: dict[str, tuple[str | None, LoadPlan]] = {}
     rows[f"{recipe_name} (recipe)" if recipe_name in wanted else recipe_name] = (None, build_plan(recipe, sources))
     for name in dict.fromkeys(wanted):
-        pure = recipe.model_copy(update={"default": name, "rules": []})
+        pure = recipe.only(name)
         rows[name] = (name, build_plan(pure, sources))
     return rows
 

@@ -207,7 +207,7 @@ def reference_source(recipe: Recipe, against: str | None, where: str = "the reci
 
 def reference_recipe(recipe: Recipe, name: str) -> Recipe:
     """The whole model from source ``name``, served the way the recipe is."""
-    return recipe.model_copy(update={"default": name, "rules": []})
+    return recipe.only(name)
 
 
 def run_engine(

@@ -130,7 +130,7 @@ def build_plan(recipe: Recipe, sources: dict[str, Source] | None = None, read_he
 
 def pure_plan(recipe: Recipe, sources: dict[str, Source], name: str) -> LoadPlan:
     """The plan of the whole model from one source (for comparisons)."""
-    pure = recipe.model_copy(update={"default": name, "rules": [], "base": name})
+    pure = recipe.only(name)
     return build_plan(pure, sources)
 
 

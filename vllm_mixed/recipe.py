@@ -86,6 +86,11 @@ class Recipe(BaseModel):
                 return rule.source, i
         return self.default, None
 
+    def only(self, source: str) -> Recipe:
+        """The whole model from one source, same base and dtype: the pure
+        baseline that plan, eval and bench compare a recipe against."""
+        return self.model_copy(update={"default": source, "rules": []})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as written into a composed ``config.json``."""
         return self.model_dump(mode="json")
