@@ -143,7 +143,7 @@ class MixedModelLoader(BaseModelLoader):
         nbytes = plan.total_bytes
         logger.info(
             "vllm-mixed: loaded %d tensors, %.1f MiB from %d files in %.2f s (%.1f MiB/s)",
-            sum(len(p.tensors) for p in plan.layers), nbytes / 2**20, len(plan.tensors_by_file()),
+            sum(len(p.tensors) for p in plan.layers), nbytes / 2**20, len({t.file for p in plan.layers for t in p.tensors}),
             elapsed, nbytes / 2**20 / max(elapsed, 1e-9),
         )  # fmt: skip
 

@@ -6,7 +6,6 @@ Imports vLLM: only the adapter modules (config, methods, loader) use it.
 
 from __future__ import annotations
 
-import inspect
 from functools import cache
 
 __all__ = [
@@ -14,7 +13,6 @@ __all__ = [
     "normalize_param_name",
     "is_cpu",
     "routed_experts_cls",
-    "supports_g_idx",
 ]
 
 # Parameters a vLLM method may register that a checkpoint need not provide:
@@ -42,22 +40,7 @@ def routed_experts_cls() -> type:
     return RoutedExperts
 
 
-@cache
-def supports_g_idx() -> bool:
-    """0.32 drops ``.g_idx`` for every config; 0.26 still loads it."""
-    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-
-    return not hasattr(QuantizationConfig, "get_checkpoint_weight_mapper")
-
-
 def normalize_param_name(name: str) -> str:
     """Expert parameters live on ``mlp.experts.routed_experts``; 0.32 reports
     them loaded under that name, 0.26 without the ``routed_experts`` part."""
     return name.replace(".routed_experts.", ".")
-
-
-def accepts_kwarg(fn: object, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False

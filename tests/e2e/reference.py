@@ -16,13 +16,14 @@ from vllm_mixed.plan import LoadPlan
 def dequantized_weights(plan: LoadPlan) -> dict[str, torch.Tensor]:
     """Checkpoint member name -> float32 weight, as the plan routes it."""
     out = {}
+    handles: dict[str, object] = {}  # each shard opened once
     for p in plan.layers:
         src = plan.sources[p.source]
         by_member: dict[str, dict[str, torch.Tensor]] = {}
         for info in p.tensors:
             member, suffix = info.name.rsplit(".", 1)
-            with safe_open(str(info.file), framework="pt") as f:
-                by_member.setdefault(member, {})[suffix] = f.get_tensor(info.name)
+            f = handles.setdefault(str(info.file), safe_open(str(info.file), framework="pt"))
+            by_member.setdefault(member, {})[suffix] = f.get_tensor(info.name)
         for member, tensors in by_member.items():
             fmt = FORMATS[p.format]
             qc = src.quant_config if p.format != "unquantized" else None
