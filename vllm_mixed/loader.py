@@ -1,6 +1,9 @@
 """``MixedModelLoader`` (``--load-format mixed``): streams exactly the planned
 tensors from the source checkpoints into the model.
 
+Before reading data it re-plans on the files now on disk and checks them
+against what ``compose`` recorded (``Composition.replan``): a shard damaged or
+replaced since then stops the engine start with the file (and tensor) named.
 Each shard is opened once and read front to back by its own thread (a few at
 a time); tensors reach ``model.load_weights`` under their checkpoint names,
 already in the dtype their parameter holds. Afterwards every model parameter
@@ -10,6 +13,7 @@ missing tensor would otherwise serve garbage.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -24,7 +28,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from vllm_mixed.errors import MixedError
-from vllm_mixed.plan import LoadPlan, build_plan
+from vllm_mixed.plan import LoadPlan
 from vllm_mixed.safetensors_header import TensorInfo
 from vllm_mixed.vllm_compat import OPTIONAL_UNLOADED_PARAMS, normalize_param_name
 
@@ -53,7 +57,13 @@ def _runtime(t: torch.Tensor, fmt: str, suffix: str, model_dtype: torch.dtype) -
 def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(checkpoint name, tensor)`` for every planned tensor, each
     shard read once by a worker thread. Any read fault ends the stream with a
-    :class:`MixedError` naming the file and tensor."""
+    :class:`MixedError` naming the file and tensor.
+
+    However the stream ends (exhausted, a fault, the consumer raising or
+    closing it early), the reader threads are stopped and joined and the
+    tensors read ahead are dropped before control returns; the raised error
+    carries no reference to tensor data. Close the generator (or exhaust it)
+    rather than abandon it: until it is closed the readers wait on the queue."""
     fmt_of = {}
     for p in plan.layers:
         for t in p.tensors:
@@ -67,6 +77,13 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
     def read_file(path: str, items: list[tuple[str, TensorInfo]]) -> None:
         current = None
         try:
+            size = os.path.getsize(path)
+            short = next((info for _, info in items if info.end > size), None)
+            if short is not None:
+                raise MixedError(
+                    f"{path}: truncated: tensor {short.name!r} ends at byte {short.end} but the file now holds only "
+                    f"{size}; the shard changed during the load, restore it"
+                )
             with safe_open(path, framework="pt", device="cpu") as f:
                 for _, info in items:
                     current = info.name
@@ -74,11 +91,15 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
                         return
                     t = f.get_tensor(info.name)
                     if tuple(t.shape) != info.shape:
-                        raise MixedError(f"{path}: tensor {info.name!r} changed since planning; re-run the load")
-                    suffix = info.name.rsplit(".", 1)[-1]
-                    q.put((info.name, _runtime(t, fmt_of[(path, info.name)], suffix, model_dtype), info.nbytes))
+                        raise MixedError(
+                            f"{path}: tensor {info.name!r} has shape {list(t.shape)} but {list(info.shape)} when "
+                            "the load was planned; the shard changed during the load, restore it and load again"
+                        )
+                    t = _runtime(t, fmt_of[(path, info.name)], info.name.rsplit(".", 1)[-1], model_dtype)
+                    q.put((info.name, t, info.nbytes))
+                    t = None  # the queue (then the consumer) holds it now
         except MixedError as exc:
-            q.put(exc)
+            q.put(exc.with_traceback(None))  # the traceback would pin this frame's tensor and open file
         except Exception as exc:  # I/O or safetensors errors while reading
             where = f"tensor {current!r}" if current else "opening the file"
             q.put(MixedError(f"{path}: read failed at {where}: {exc}; the shard changed or is damaged, restore it"))
@@ -92,6 +113,8 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
     producer = threading.Thread(target=run_all, name="vllm-mixed-loader", daemon=True)
     producer.start()
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="vllm-mixed load", disable=not progress)
+    item: Any = None
+    tensor: torch.Tensor | None = None
     try:
         while True:
             item = q.get()
@@ -100,8 +123,10 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
             if isinstance(item, BaseException):
                 raise item
             name, tensor, nbytes = item
+            item = None
             bar.update(nbytes)
             yield name, tensor
+            tensor = None
     finally:
         stop.set()
         while producer.is_alive():  # drain so blocked readers can finish
@@ -109,6 +134,11 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
                 q.get(timeout=0.05)
             except queue.Empty:
                 pass
+        producer.join()
+        while not q.empty():  # what the readers put after the last drain
+            q.get_nowait()
+        # a raised error's traceback keeps this frame (and its locals) alive
+        item = tensor = None
         bar.close()
 
 
@@ -129,15 +159,12 @@ class MixedModelLoader(BaseModelLoader):
             )
         comp = quant.composition
         start = time.perf_counter()
-        plan = build_plan(comp.recipe)  # re-validates every header against the files now on disk
-        routed = {p.layer.name: (p.source, p.format) for p in plan.layers}
-        if routed != comp.layers:
-            changed = sorted(k for k in set(routed) | set(comp.layers) if routed.get(k) != comp.layers.get(k))
-            raise MixedError(
-                f"the sources no longer match the composed plan (first changed layer: {changed[0]!r}); "
-                "re-run `vllm-mixed compose`"
-            )
-        loaded = model.load_weights(stream_plan(plan, model_config.dtype))
+        plan = comp.replan()  # re-validates every header and shard identity against the files now on disk
+        stream = stream_plan(plan, model_config.dtype)
+        try:
+            loaded = model.load_weights(stream)
+        finally:
+            stream.close()  # stops and joins the readers at once, also when load_weights raised
         elapsed = time.perf_counter() - start
         self._check_complete(model, loaded)
         nbytes = plan.total_bytes

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import reprlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator, model_validator
 
 from vllm_mixed.errors import MixedError
 
@@ -35,8 +36,8 @@ class Rule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    targets: list[str] = Field(min_length=1)
-    source: str
+    targets: list[StrictStr] = Field(min_length=1)
+    source: StrictStr
 
     @field_validator("targets")
     @classmethod
@@ -57,9 +58,10 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sources: dict[str, str] = Field(min_length=1)
-    base: str
-    default: str | None = None
+    # strict: a YAML ``!!binary`` value is bytes, not a path (and would skip resolution)
+    sources: dict[str, StrictStr] = Field(min_length=1)
+    base: StrictStr
+    default: StrictStr | None = None
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
     rules: list[Rule] = Field(default_factory=list)
 
@@ -150,9 +152,21 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise MixedError(f"recipe {path}: no such file; pass the path of a recipe YAML (see configs/)")
     try:
+        # safe_load: plain data only; python/* and unknown tags raise ConstructorError, nothing is imported or run
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise MixedError(f"recipe {path}: not UTF-8 text; a recipe is a YAML file (see configs/)") from None
+    except RecursionError:
+        raise MixedError(f"recipe {path}: nested too deeply to be a recipe; see configs/ for the shape") from None
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        tag = re.search(r"tag '([^']*)'", str(exc.problem))
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!") if tag else str(exc.problem)
+        raise MixedError(
+            f"recipe {path}: YAML tag {shown!r}{at} is not allowed; a recipe is plain data (mappings, lists, "
+            "strings) and nothing in it is constructed, imported or run. Remove the tag"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -173,6 +187,17 @@ _ALLOWED = {
 }
 
 
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 160, 160
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = 6
+
+
+def _shown(value: Any) -> str:
+    """A bounded repr of an offending value: a YAML alias bomb must not
+    become a gigabyte error message."""
+    return _REPR.repr(value)
+
+
 def _explain(exc: ValidationError, where: str) -> str:
     """One message per problem, each naming the key, the value and the fix."""
     lines = []
@@ -188,18 +213,18 @@ def _explain(exc: ValidationError, where: str) -> str:
         elif kind == "missing":
             lines.append(f"missing key {key!r}; add it (see configs/ for an example)")
         elif kind == "literal_error" and loc[-1] == "dtype":
-            lines.append(f"dtype: {value!r} is not supported; use one of: {', '.join(DTYPES)}")
+            lines.append(f"dtype: {_shown(value)} is not supported; use one of: {', '.join(DTYPES)}")
         elif kind == "too_short":
             what = _NONEMPTY.get(loc[-1], "at least one entry")
             lines.append(f"{key}: is empty; give {what}")
         elif kind == "list_type":
-            lines.append(f"{key}: must be a YAML list such as [a, b] (got {value!r})")
+            lines.append(f"{key}: must be a YAML list such as [a, b] (got {_shown(value)})")
         elif kind == "dict_type":
-            lines.append(f"{key}: must be a YAML mapping of name: value (got {value!r})")
+            lines.append(f"{key}: must be a YAML mapping of name: value (got {_shown(value)})")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             prefix = f"{key}: " if key and not msg.startswith(key) else ""
-            shown = "" if kind == "value_error" else f" (got {value!r})"
+            shown = "" if kind == "value_error" else f" (got {_shown(value)})"
             lines.append(f"{prefix}{msg}{shown}")
     return f"{where}: " + "; ".join(lines)
 

@@ -8,6 +8,7 @@ before anything is believed, so a forged or truncated file is a clear
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from vllm_mixed.errors import MixedError
 
-__all__ = ["DTYPE_SIZES", "TensorInfo", "read_header"]
+__all__ = ["DTYPE_SIZES", "ShardIdentity", "TensorInfo", "read_header", "shard_identity"]
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZES = {
@@ -44,6 +45,34 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ShardIdentity:
+    """What ``compose`` records of a shard it plans to read: the file size and
+    the sha256 of its header bytes (length field and JSON). Cheap to check (no
+    tensor data is read), blind to mtime (a byte-identical copy is the same
+    shard), and it changes whenever any tensor's name, dtype, shape or offsets
+    do. Data rewritten in place under an identical header is not detected."""
+
+    nbytes: int
+    header_sha256: str
+
+
+def shard_identity(path: Path) -> ShardIdentity | None:
+    """The identity of a shard as it is on disk now; ``None`` if it is missing.
+    A damaged header is hashed as far as it goes (the caller only compares)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            body = f.read(n) if n <= min(MAX_HEADER_BYTES, size - 8) else b""
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise MixedError(f"{path}: cannot read the shard ({exc}); check the file's permissions") from None
+    return ShardIdentity(size, hashlib.sha256(head + body).hexdigest())
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:

@@ -1,0 +1,143 @@
+"""The loader's stream (``stream_plan``) on shards damaged after planning, and
+on consumers that stop early: the fault is a :class:`MixedError` naming the
+file and tensor, every reader thread has exited when control returns, and no
+tensor read stays alive once the consumer has dropped what it was given, even
+while the error itself is still held (its traceback keeps the stream's frame)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vllm_mixed import loader
+from vllm_mixed.errors import MixedError
+from vllm_mixed.plan import LoadPlan, PlannedLayer
+from vllm_mixed.safetensors_header import TensorInfo, read_header
+
+ROWS, COLS = 256, 1024  # 1 MiB of float32 per tensor
+PER_SHARD = 12
+
+
+def write_shard(path: Path, prefix: str, reshaped: str | None = None) -> None:
+    tensors = {f"{prefix}.{i}.weight": torch.full((ROWS, COLS), float(i)) for i in range(PER_SHARD)}
+    if reshaped is not None:  # same bytes, same offsets, another shape
+        tensors[reshaped] = tensors[reshaped].reshape(COLS, ROWS)
+    save_file(tensors, str(path))
+
+
+def in_file_order(path: Path) -> list[TensorInfo]:
+    return sorted(read_header(path).values(), key=lambda t: t.start)
+
+
+def make_plan(tmp_path: Path, ghost: bool = False) -> tuple[LoadPlan, Path, Path]:
+    """Two shards of PER_SHARD tensors, planned as unquantized weights."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_shard(a, "a")
+    write_shard(b, "b")
+    infos = [*read_header(a).values(), *read_header(b).values()]
+    if ghost:  # planned, within the file's bytes, but not in its header
+        late = in_file_order(b)[-2]
+        infos.append(TensorInfo("b.ghost.weight", late.file, late.dtype, late.shape, late.start, late.end))
+    layers = [PlannedLayer(layer=None, source="s", format="unquantized", precision="bf16", tensors=tuple(infos))]  # type: ignore[arg-type]
+    return LoadPlan(recipe=None, sources={}, layers=layers), a, b  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def read_tensors(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[torch.Tensor]]:
+    """Weak references to every tensor the readers produce (before and after
+    the cast to the model dtype); a small queue so that readers block on it."""
+    refs: list[weakref.ref[torch.Tensor]] = []
+    runtime = loader._runtime
+
+    def tracking(t: torch.Tensor, fmt: str, suffix: str, model_dtype: torch.dtype) -> torch.Tensor:
+        out = runtime(t, fmt, suffix, model_dtype)
+        refs.extend((weakref.ref(t), weakref.ref(out)))
+        return out
+
+    monkeypatch.setattr(loader, "_runtime", tracking)
+    monkeypatch.setattr(loader, "QUEUE_TENSORS", 2)
+    return refs
+
+
+def reader_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("vllm-mixed")]
+
+
+def consume(stream: Iterator[tuple[str, torch.Tensor]], limit: int | None = None) -> list[str]:
+    """Take names (dropping each tensor at once) until the end or ``limit``."""
+    names: list[str] = []
+    while limit is None or len(names) < limit:
+        item = next(stream, None)
+        if item is None:
+            break
+        assert item[1].dtype == torch.bfloat16  # cast from the file's float32
+        names.append(item[0])
+        item = None
+    return names
+
+
+def assert_released(refs: list[weakref.ref[torch.Tensor]]) -> None:
+    assert reader_threads() == []
+    gc.collect()
+    alive = [r() for r in refs if r() is not None]
+    assert alive == [], f"{len(alive)} of {len(refs)} tensors read are still referenced"
+
+
+def test_full_stream_yields_each_tensor_once(tmp_path: Path, read_tensors: list[weakref.ref[torch.Tensor]]) -> None:
+    plan, _, _ = make_plan(tmp_path)
+    names = consume(loader.stream_plan(plan, torch.bfloat16, progress=False))
+    assert sorted(names) == sorted(f"{p}.{i}.weight" for p in "ab" for i in range(PER_SHARD))
+    assert_released(read_tensors)
+
+
+@pytest.mark.parametrize("damage", ["reshaped", "not-in-header", "truncated"])
+def test_damaged_shard_mid_stream(tmp_path: Path, read_tensors: list[weakref.ref[torch.Tensor]], damage: str) -> None:
+    plan, _, b = make_plan(tmp_path, ghost=damage == "not-in-header")
+    order = in_file_order(b)  # the reader's order: the fault comes after most of b was read
+    if damage == "reshaped":
+        write_shard(b, "b", reshaped=order[-2].name)
+        assert [t.start for t in in_file_order(b)] == [t.start for t in order]
+        expected = (
+            f"tensor {order[-2].name!r} has shape [{COLS}, {ROWS}] but [{ROWS}, {COLS}] when the load was planned"
+        )
+    elif damage == "not-in-header":
+        expected = "read failed at tensor 'b.ghost.weight'"
+    else:
+        b.write_bytes(b.read_bytes()[: order[-3].end - 100])
+        expected = f"truncated: tensor {order[-3].name!r} ends at byte {order[-3].end} but the file now holds only"
+    stream = loader.stream_plan(plan, torch.bfloat16, progress=False)
+    with pytest.raises(MixedError) as failed:
+        consume(stream)
+    error = failed.value  # held on purpose: its traceback must not keep tensors alive
+    assert str(error).startswith(f"{b}: "), error
+    assert expected in str(error)
+    assert len(read_tensors) > 0
+    assert_released(read_tensors)
+    assert error.__traceback__ is not None
+
+
+@pytest.mark.parametrize("how", ["closed", "consumer-raised"])
+def test_consumer_stopping_early(tmp_path: Path, read_tensors: list[weakref.ref[torch.Tensor]], how: str) -> None:
+    """What ``MixedModelLoader.load_weights`` does: close the stream however
+    ``model.load_weights`` ended."""
+    plan, _, _ = make_plan(tmp_path)
+    stream = loader.stream_plan(plan, torch.bfloat16, progress=False)
+    if how == "closed":
+        assert len(consume(stream, limit=3)) == 3
+        assert reader_threads() != []  # readers are blocked on the full queue
+        stream.close()
+    else:
+        with pytest.raises(RuntimeError, match="model rejected"):
+            try:
+                consume(stream, limit=3)
+                raise RuntimeError("model rejected a weight")
+            finally:
+                stream.close()
+    assert_released(read_tensors)
