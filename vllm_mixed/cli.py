@@ -43,8 +43,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = build_plan(recipe, sources)
     pure = {name: pure_plan(recipe, sources, name) for name in sources}
     summary = plan_summary(plan, pure)
+    checks = None
+    if args.tp is not None or args.ep:
+        from dataclasses import asdict
+
+        from vllm_mixed.tp_constraints import Parallel, raise_on_failures
+
+        parallel = Parallel(tp=args.tp or 1, ep=args.ep)
+        checks = plan.shard_checks(parallel)
+        summary["parallel"] = {"tensor_parallel_size": parallel.tp, "expert_parallel": parallel.ep}
+        summary["shards"] = [{**asdict(c), "verdict": c.verdict} for c in checks]
     if args.json:
         print(json.dumps(summary, indent=2))
+        if checks is not None:
+            raise_on_failures(checks, parallel)
         return 0
     print(
         f"recipe {args.recipe}: {len(plan.layers)} layers, {summary['tensors']} tensors, base {recipe.base!r}, dtype {recipe.dtype}"
@@ -82,6 +94,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(
         "note: on the CPU build quantized layers are dequantized to the model dtype at load (memory = the bf16 footprint)."
     )
+    if checks is not None:
+        print()
+        print(f"per-rank shards at {parallel}, against vLLM 0.26 (CUDA, Hopper) kernels:")
+        rows = [(c.group, c.layer, c.format, c.shard, c.kernel, c.verdict) for c in checks]
+        print(table(["group", "layer", "format", "shard per rank", "vLLM kernel", "verdict"], rows))
+        for c in checks:
+            if c.status == "fallback":
+                print(f"note: {c.group} ({c.layer}) falls back to {c.kernel}: {c.reason}")
+        raise_on_failures(checks, parallel)
     return 0
 
 
@@ -150,6 +171,12 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vllm_mixed.export import cmd_export as run  # compressed-tensors: imported only when used
 
@@ -174,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="validate a recipe against its checkpoints and print the load plan")
     p.add_argument("recipe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--tp",
+        type=positive_int,
+        metavar="N",
+        help="check each layer group's shard at tensor_parallel_size N against the kernel vLLM 0.26 (CUDA) picks "
+        "(default 1 with --ep); exit status 2 if vLLM would refuse it",
+    )
+    p.add_argument(
+        "--ep",
+        "--enable-expert-parallel",
+        dest="ep",
+        action="store_true",
+        help="as vLLM's --enable-expert-parallel: each rank holds whole experts instead of a slice of every expert",
+    )
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("compose", help="write a small servable directory whose config.json carries the recipe")
     p.add_argument("recipe")

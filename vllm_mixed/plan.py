@@ -23,6 +23,7 @@ from vllm_mixed.methods import predicted_methods
 from vllm_mixed.recipe import Recipe
 from vllm_mixed.safetensors_header import TensorInfo
 from vllm_mixed.sources import Source
+from vllm_mixed.tp_constraints import Parallel, Routed, ShardCheck, check_layers
 
 __all__ = ["LoadPlan", "PlannedLayer", "build_plan", "open_sources"]
 
@@ -77,6 +78,14 @@ class LoadPlan:
     @property
     def total_bytes(self) -> int:
         return sum(p.nbytes for p in self.layers)
+
+    def shard_checks(self, parallel: Parallel) -> list[ShardCheck]:
+        """Every layer group's tensor-parallel shard against the kernel vLLM
+        picks for it (see ``tp_constraints``); failing rows suggest fixes,
+        including routing to another of the recipe's sources."""
+        routed = [Routed(p.layer, p.source, p.format, self.sources[p.source].quant_config) for p in self.layers]
+        others = {n: (s.format, s.quant_config) for n, s in self.sources.items()}
+        return check_layers(self.base.config, routed, parallel, dtype=self.recipe.dtype, sources=others)
 
     def tensors_by_file(self) -> dict[str, list[tuple[str, TensorInfo]]]:
         """Shard path -> [(source name, tensor)] in file order: each file is
