@@ -21,7 +21,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from vllm_mixed.vllm_compat import request_cpu_amx
     from vllm_mixed.vllm_registration import register_with_vllm
 
     register_with_vllm()
+    request_cpu_amx()
     _registered = True

@@ -31,6 +31,21 @@ def is_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def request_cpu_amx() -> None:
+    """vLLM's CPU attention (``cpu_attn``) picks its AMX kernel whenever the
+    CPU has AMX tiles but never asks Linux for them (``arch_prctl``
+    ``ARCH_REQ_XCOMP_PERM``); oneDNN asks only when its own bf16 GEMMs use
+    AMX. A first request short enough to reach attention before such a GEMM
+    then kills the worker with SIGILL. Asking once per process, as torch's
+    ``_init_amx`` does, is harmless elsewhere and a no-op without AMX."""
+    import torch
+
+    if is_cpu() and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        init = getattr(torch.cpu, "_init_amx", None)
+        if init is not None:
+            init()
+
+
 @cache
 def routed_experts_cls() -> type:
     """The layer class ``get_quant_method`` sees for MoE experts
