@@ -72,6 +72,18 @@ def run_vllm(model: Path, load_format: str, request: dict, workdir: Path) -> dic
     req, out, log_path = workdir / "request.json", workdir / "result.json", workdir / "vllm.log"
     req.write_text(json.dumps(request))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    tp = request.get("tp", 1)
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        # vLLM's CPU build binds each TP rank to a NUMA node; on one node the ranks need explicit cores
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < tp:
+            pytest.skip(
+                f"tensor_parallel_size {tp} on the CPU build needs {tp} cores, this machine allows {len(cores)}"
+            )
+        per = len(cores) // tp
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(map(str, cores[i * per : (i + 1) * per])) for i in range(tp)
+        )
     # output to a file, not a pipe: a lingering engine process must not hold the test up
     with log_path.open("w") as log:
         proc = subprocess.run(

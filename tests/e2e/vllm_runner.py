@@ -2,7 +2,8 @@
 JSON: greedy continuations, teacher-forced prompt logprobs and load timings.
 
 Usage: python vllm_runner.py MODEL_DIR LOAD_FORMAT REQUEST.json OUT.json
-REQUEST = {"greedy": [[ids...], ...], "teacher": [[ids...], ...], "max_tokens": N, "text": ["..."]}
+REQUEST = {"greedy": [[ids...], ...], "teacher": [[ids...], ...], "max_tokens": N, "text": ["..."],
+           "tp": tensor_parallel_size (default 1), "greedy_logprobs": top-k per greedy step (default none)}
 """
 
 import json
@@ -26,12 +27,17 @@ if __name__ == "__main__":
         gpu_memory_utilization=0.3,
         max_num_seqs=8,
         seed=0,
+        tensor_parallel_size=req.get("tp", 1),
     )
     init_s = time.perf_counter() - t0
-    greedy = SamplingParams(max_tokens=req.get("max_tokens", 16), temperature=0.0, ignore_eos=True)
-    out = {"init_s": init_s, "greedy": [], "teacher": [], "text": []}
+    greedy = SamplingParams(
+        max_tokens=req.get("max_tokens", 16), temperature=0.0, ignore_eos=True, logprobs=req.get("greedy_logprobs")
+    )
+    out = {"init_s": init_s, "greedy": [], "greedy_logprobs": [], "teacher": [], "text": []}
     for res in llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in req.get("greedy", [])], greedy):
         out["greedy"].append(list(res.outputs[0].token_ids))
+        steps = res.outputs[0].logprobs or []
+        out["greedy_logprobs"].append([{str(tok): v.logprob for tok, v in step.items()} for step in steps])
     for res in llm.generate(req.get("text", []), greedy):
         out["text"].append(res.outputs[0].text)
     tf = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=20)
