@@ -9,7 +9,8 @@ bash .vllm-bundle/setup.sh .vllm-bundle > "${OUT:-/tmp}/setup.log" 2>&1 || { tai
 info=/tmp/site/vllm_mixed-0.1.0.dist-info
 mkdir -p "$info"
 printf 'Metadata-Version: 2.1\nName: vllm-mixed\nVersion: 0.1.0\n' > "$info/METADATA"
-printf '[vllm.general_plugins]\nmixed = vllm_mixed:register\n' > "$info/entry_points.txt"
+# the second entry is benchmark-only and inert unless its variables are set (benchmarks/bench_hooks.py)
+printf '[vllm.general_plugins]\nmixed = vllm_mixed:register\nbench_hooks = benchmarks.bench_hooks:register\n' > "$info/entry_points.txt"
 export PYTHONPATH="$PWD:$PYTHONPATH"
 python3 -c "from importlib.metadata import entry_points as e; assert any(x.name == 'mixed' for x in e(group='vllm.general_plugins'))"
 set +e

@@ -32,13 +32,14 @@ TEACHER = [[_rng.randrange(3, 1000) for _ in range(40)] for _ in range(3)]
 MAX_TOKENS = 32
 
 
-def child(model: str, load_format: str, out: str) -> None:
+def child(model: str, load_format: str, out: str, tp: str = "1") -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
     llm = LLM(model=model, load_format=load_format, dtype="bfloat16", enforce_eager=True, attention_backend="TRITON_ATTN",
-              max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.08, seed=0, skip_tokenizer_init=True)  # fmt: skip
+              max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.08, seed=0, skip_tokenizer_init=True,
+              tensor_parallel_size=int(tp))  # fmt: skip
     init = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], sp, use_tqdm=False)
@@ -56,13 +57,13 @@ def child(model: str, load_format: str, out: str) -> None:
     os._exit(0)
 
 
-def run(name: str, model: Path, load_format: str, out_dir: Path) -> dict:
+def run(name: str, model: Path, load_format: str, out_dir: Path, tp: int = 1) -> dict:
     out = out_dir / f"{name}.json"
     log = out_dir / f"{name}.log"
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", str(model), load_format, str(out)],
+            [sys.executable, __file__, "--child", str(model), load_format, str(out), str(tp)],
             stdout=f,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -91,6 +92,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/vllm-mixed-oracle")
+    ap.add_argument("--tp", type=int, default=1, help="N > 1: the tensor-parallel check instead (mix at TP 1 vs N)")
+    ap.add_argument("--tp-recipes", default="tp1,mix,mix-export,all-int4",
+                    help="recipes run at TP N and their stock oracles; tp1: the mix at TP 1 too; mix-export: the "
+                    "mix exported to compressed-tensors and served by stock vLLM")  # fmt: skip
     args = ap.parse_args()
     import yaml
 
@@ -120,6 +125,8 @@ def main() -> None:
         plans[name] = build_plan(load_recipe(path))
         composed[name] = compose(plans[name], work / name)
 
+    if args.tp > 1:
+        return tp_check(args.tp, args.tp_recipes.split(","), work, composed, plans, out_dir, final)
     results = {
         "stock-bf16": run("stock-bf16", work / "tiny/bf16", "auto", out_dir),
         "stock-fp8": run("stock-fp8", work / "tiny/fp8", "auto", out_dir),
@@ -170,8 +177,60 @@ def main() -> None:
             print(f"  {name} kernels: {'; '.join(r['kernels'][:4])}")
 
 
+def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict, out_dir: Path, final: Path) -> None:
+    """vLLM's own tensor parallelism: the mix at TP ``tp`` gives the same
+    greedy tokens as at TP 1, and each pure recipe at TP ``tp`` the same as
+    stock vLLM on its single checkpoint at TP ``tp``."""
+    from tests.e2e.reference import compare, hf_model, teacher_forced_logprobs
+    from vllm_mixed.export import export
+
+    stock = {n: work / d for n, d in {"all-bf16": "tiny/bf16", "all-fp8": "tiny/fp8", "all-int4": "tiny/gptq-int4"}.items()
+             if n in names}  # fmt: skip
+    if "mix-export" in names:  # the mix as one compressed-tensors checkpoint, served by stock vLLM: same weights
+        stock["mix"] = export(plans["mix"], work / "mix-export", progress=False)
+    results = {}
+    if "tp1" in names:
+        results["mix@tp1"] = run("mix-tp1", composed["mix"], "mixed", out_dir, 1)
+    for name in [n for n in names if n in composed]:
+        results[f"{name}@tp{tp}"] = run(f"{name}-tp{tp}", composed[name], "mixed", out_dir, tp)
+        if name in stock:
+            results[f"stock-{name}@tp{tp}"] = run(f"stock-{name}-tp{tp}", stock[name], "auto", out_dir, tp)
+    rows = []
+    pairs = [("mix@tp1", f"mix@tp{tp}")] if "tp1" in names else []
+    pairs += [(f"stock-{n}@tp{tp}", f"{n}@tp{tp}") for n in stock]
+    for ref, got in pairs:
+        a, b = results[ref], results[got]
+        row = {"check": f"{got} vs {ref}", "ok": a["ok"] and b["ok"]}
+        if row["ok"]:
+            row["same_greedy"] = a["tokens"] == b["tokens"]
+            row["tokens_equal"] = sum(x == y for ta, tb in zip(a["tokens"], b["tokens"]) for x, y in zip(ta, tb))
+            row["tokens_total"] = sum(len(t) for t in a["tokens"])
+            gaps = [abs(pa[k][0] - pb[k][0]) for sa, sb in zip(a["teacher"], b["teacher"])
+                    for pa, pb in zip(sa, sb) for k in set(pa) & set(pb)]  # fmt: skip
+            row["max_teacher_logprob_diff"] = max(gaps) if gaps else None
+            name = got.split("@")[0]
+            model = hf_model(plans[name])
+            stats = [compare(teacher_forced_logprobs(model, ids), g) for ids, g in zip(TEACHER, b["teacher"])]
+            n = sum(st["positions"] for st in stats)
+            row["top1_vs_fp32_ref"] = sum(st["top1_agreement"] * st["positions"] for st in stats) / n
+            row["methods"] = b.get("methods", [])
+        rows.append(row)
+    (final / "tp.json").write_text(json.dumps({"tp": tp, "rows": rows, "results": {
+        k: {kk: vv for kk, vv in v.items() if kk != "teacher"} for k, v in results.items()}}, indent=1))  # fmt: skip
+    subprocess.run(["tar", "czf", str(final / "tp-logs.tar.gz"), "-C", str(out_dir), "."], check=False)
+    print(
+        f"\ncheck (TP {tp})                         same greedy  tokens equal  max |dlogprob| TP1 vs TPn  top-1 vs fp32 ref"
+    )
+    for r in rows:
+        if not r["ok"]:
+            print(f"{r['check']:40s} FAILED")
+            continue
+        print(f"{r['check']:40s} {r['same_greedy']!s:11s}  {r['tokens_equal']}/{r['tokens_total']:<10}  "
+              f"{r['max_teacher_logprob_diff']:.4f}                    {r['top1_vs_fp32_ref']:.3f}")  # fmt: skip
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:5])
+        child(*sys.argv[2:6])
     else:
         main()

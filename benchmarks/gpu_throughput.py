@@ -1,14 +1,29 @@
 #!/usr/bin/env python3
-"""Full-shape Qwen3-30B-A3B throughput on the lent GPU with vLLM's own
-offline benchmark (`vllm bench throughput`), random weights
-(`--load-format dummy`), identical prompts and flags for every row.
+"""Full-shape Qwen3-30B-A3B rows on the lent GPU with vLLM's own offline
+benchmarks, random weights (``--load-format dummy``), identical prompts and
+engine flags for every row.
+
+``--bench throughput``: ``vllm bench throughput``, 256 random prompts of
+1024 in / 256 out. ``--bench latency``: ``vllm bench latency`` at batch 1
+(32 in / 256 out), reported as ms per output token against the HBM floor
+(bytes each decode step must read, over the copy bandwidth measured here).
 
 Rows: stock BF16, stock FP8 block, stock GPTQ-Int4, stock GPTQ with only the
-experts quantized (mix A's kernels), and through the plugin mix A and mix B
-(composed from header-true sparse checkpoints, so `plan` and `compose` run on
-the real shape; the dummy loader then fills the weights).
+experts quantized (mix A's kernels), a compressed-tensors config with int4
+experts and FP8-block attention (mix B's kernels, written by the project's
+exporter), and through the plugin mix A and mix B (composed from header-true
+sparse checkpoints, so ``plan`` and ``compose`` run on the real shape). A row
+name may carry ``@humming`` (``--moe-backend humming``), ``@marlin``,
+``@wna16`` (``--quantization moe_wna16``, stock GPTQ dirs only) or
+``@deepgemm`` (DeepGEMM on; every other row runs with ``VLLM_USE_DEEP_GEMM=0``),
+and ``#N`` to repeat a row.
 
-Usage (device): python3 benchmarks/gpu_throughput.py --out $OUT --rows mix-a,stock-gptq-experts
+Integer weights are filled by ``benchmarks/bench_hooks.py`` (vLLM leaves
+them uninitialised in dummy mode); the tokenizer is a word-level one over the
+model's full 151,936-token vocabulary, so prompts and detokenisation cover the
+real vocabulary.
+
+Usage (device): python3 benchmarks/gpu_throughput.py --out $OUT --rows stock-gptq-experts,mix-a
 """
 
 from __future__ import annotations
@@ -17,7 +32,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -43,36 +57,67 @@ FP8 = {
 STOCK = {
     "stock-bf16": None,
     "stock-fp8": FP8,
-    "stock-gptq": {**GPTQ, "modules_in_block_to_quantize": [ATTN]},
+    "stock-gptq": {**GPTQ, "modules_in_block_to_quantize": [ATTN, ["mlp.experts"]]},
     "stock-gptq-experts": {**GPTQ, "modules_in_block_to_quantize": [["mlp.experts"]]},
 }
-FLAGS = [
+# which plan gives a row's bytes (weights and the decode floor)
+PLAN_OF = {
+    "stock-bf16": "bf16", "stock-fp8": "fp8", "stock-gptq": "int4", "stock-gptq-experts": "mix-a",
+    "stock-ct-mixb": "mix-b", "mix-a": "mix-a", "mix-b": "mix-b",
+}  # fmt: skip
+ENGINE = [
     "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "2048", "--gpu-memory-utilization", "0.85",
-    "--attention-backend", "TRITON_ATTN", "--max-num-seqs", "256", "--num-prompts", "256",
-    "--random-input-len", "1024", "--random-output-len", "256", "--seed", "0",
+    "--attention-backend", "TRITON_ATTN", "--max-num-seqs", "256", "--seed", "0",
 ]  # fmt: skip
+BENCH = {
+    "throughput": ["--num-prompts", "256", "--random-input-len", "1024", "--random-output-len", "256"],
+    "latency": ["--batch-size", "1", "--input-len", "32", "--output-len", "256", "--num-iters-warmup", "2",
+                "--num-iters", "5"],
+}  # fmt: skip
+VARIANTS = {
+    "humming": (["--moe-backend", "humming"], {}),
+    "marlin": (["--moe-backend", "marlin"], {}),
+    "wna16": (["--quantization", "moe_wna16"], {}),
+    "deepgemm": ([], {"VLLM_USE_DEEP_GEMM": "1"}),
+}
+VOCAB = CONFIG["vocab_size"]
 
 
-def model_dirs(work: Path) -> dict[str, Path]:
+def write_full_vocab_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer with one token per model vocabulary id ("t0" ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    eos = f"t{CONFIG.get('eos_token_id', 151645)}"
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": eos,
+                "pad_token": eos,
+                "model_max_length": 40960,
+                "clean_up_tokenization_spaces": False,
+            }
+        )  # fmt: skip
+    )
+
+
+def model_dirs(work: Path) -> tuple[dict[str, Path], dict[str, object]]:
     import yaml
+    from compressed_tensors.compressors import ModelCompressor
 
     from tests.full_shape import write_sparse_checkpoint
     from vllm_mixed.compose import compose
-    from vllm_mixed.plan import build_plan
+    from vllm_mixed.export import _plan_groups
+    from vllm_mixed.plan import build_plan, pure_plan
     from vllm_mixed.recipe import load_recipe
-    from vllm_mixed.tiny import write_tokenizer
 
     tok = work / "tokenizer"
-    write_tokenizer(tok)
-    dirs = {}
-    for name, qc in STOCK.items():
-        d = work / name
-        d.mkdir(parents=True, exist_ok=True)
-        cfg = dict(CONFIG)
-        if qc:
-            cfg["quantization_config"] = qc
-        (d / "config.json").write_text(json.dumps(cfg))
-        dirs[name] = d
+    if not tok.exists():
+        write_full_vocab_tokenizer(tok)
     sparse = work / "sparse"
     if not sparse.exists():
         for fmt in ("bf16", "fp8", "gptq-int4"):
@@ -80,7 +125,7 @@ def model_dirs(work: Path) -> dict[str, Path]:
     src = {"bf16": str(sparse / "bf16"), "fp8": str(sparse / "fp8"), "int4": str(sparse / "gptq-int4")}
     experts = {"targets": ["model.layers.*.mlp.experts"], "source": "int4"}
     attention = {"targets": ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"], "source": "fp8"}
-    plans = {}
+    plans, dirs = {}, {}
     for name, rules in {"mix-a": [experts], "mix-b": [experts, attention]}.items():
         path = work / f"{name}.yaml"
         path.write_text(
@@ -88,30 +133,71 @@ def model_dirs(work: Path) -> dict[str, Path]:
         )
         plans[name] = build_plan(load_recipe(path))
         dirs[name] = compose(plans[name], work / name)
+    for name in ("bf16", "fp8", "int4"):
+        plans[name] = pure_plan(plans["mix-a"].recipe, plans["mix-a"].sources, name)
+    for name, qc in {**STOCK, "stock-ct-mixb": "ct"}.items():
+        d = work / name
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = dict(CONFIG)
+        if isinstance(qc, dict):
+            cfg["quantization_config"] = qc
+        (d / "config.json").write_text(json.dumps(cfg))
+        if qc == "ct":  # compressed-tensors' own config for mix B's kernels, as `vllm-mixed export` writes it
+            ModelCompressor(quantization_config=_plan_groups(plans["mix-b"])[1]).update_config(str(d))
+        dirs[name] = d
     for d in dirs.values():
         for f in tok.iterdir():
-            shutil.copyfile(f, d / f.name)
-    return dirs, {n: p.total_bytes for n, p in plans.items()}
+            (d / f.name).write_bytes(f.read_bytes())
+    return dirs, plans
 
 
-def bench(name: str, model: Path, out: Path, timeout: int) -> dict:
-    log = out / f"{name}.log"
-    js = out / f"{name}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.cli.main",
-        "bench",
-        "throughput",
-        "--model",
-        str(model),
-        *FLAGS,
-        "--output-json",
-        str(js),
-    ]
+def decode_bytes(plan, context_tokens: int) -> int:
+    """Bytes one batch-1 decode step reads: every dense weight, top-k of the
+    experts, one embedding row, and the KV cache of the context."""
+    top_k, n_exp = CONFIG["num_experts_per_tok"], CONFIG["num_experts"]
+    total = 0
+    for p in plan.layers:
+        if p.layer.kind == "experts":
+            total += p.nbytes * top_k // n_exp
+        elif p.layer.kind == "embedding":
+            total += p.nbytes // VOCAB
+        else:
+            total += p.nbytes
+    kv = LAYERS * 2 * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 2 * context_tokens
+    return total + kv
+
+
+def hbm_copy_gbs() -> float:
+    """Device-to-device copy bandwidth (read + write bytes), in its own process."""
+    code = (
+        "import torch,time;a=torch.empty(2**31,dtype=torch.uint8,device='cuda');b=torch.empty_like(a)\n"
+        "for _ in range(3): b.copy_(a)\n"
+        "torch.cuda.synchronize();t=time.perf_counter()\n"
+        "for _ in range(20): b.copy_(a)\n"
+        "torch.cuda.synchronize();print(2*20*a.numel()/(time.perf_counter()-t)/1e9)"
+    )
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def parse_row(spec: str) -> tuple[str, str | None]:
+    base = spec.split("#")[0]
+    name, _, variant = base.partition("@")
+    if name not in PLAN_OF or (variant and variant not in VARIANTS):
+        raise SystemExit(f"unknown row {spec!r}: rows {sorted(PLAN_OF)}, variants {sorted(VARIANTS)}")
+    return name, variant or None
+
+
+def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict:
+    name, variant = parse_row(spec)
+    extra, env_extra = VARIANTS[variant] if variant else ([], {})
+    tag = re.sub(r"[^\w.-]", "_", spec)
+    log, js = out / f"{bench}-{tag}.log", out / f"{bench}-{tag}.json"
+    env = {**os.environ, "VLLM_USE_DEEP_GEMM": "0", "VLLM_MIXED_BENCH_INT_FILL": "1", **env_extra}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", bench, "--model", str(model),
+           *ENGINE, *BENCH[bench], *extra, "--output-json", str(js)]  # fmt: skip
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -122,26 +208,22 @@ def bench(name: str, model: Path, out: Path, timeout: int) -> dict:
             except ProcessLookupError:
                 pass
             time.sleep(3)
-    text = log.read_text()
-    row = {"row": name, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
-    if js.exists():
-        r = json.loads(js.read_text())
-        row["output_tok_s"] = (
-            round(r.get("tokens_per_second", 0) * 256 / 1280, 1)
-            if "output_tokens_per_second" not in r
-            else r["output_tokens_per_second"]
-        )
-        row["total_tok_s"] = r.get("tokens_per_second")
-        row["requests_s"] = r.get("requests_per_second")
+    text = log.read_text(errors="replace")
+    row: dict = {"row": spec, "bench": bench, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
     m = re.search(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s", text)
     if m:
         row["requests_s"], row["total_tok_s"], row["output_tok_s"] = map(float, m.groups())
+    if bench == "latency" and js.exists():
+        r = json.loads(js.read_text())
+        row["avg_latency_s"] = r.get("avg_latency")
+        row["ms_per_token"] = round(1000 * r["avg_latency"] / 256, 3) if r.get("avg_latency") else None
     m = re.search(r"Model loading took ([\d.]+) GiB", text)
     row["weights_gib"] = float(m.group(1)) if m else None
     row["methods"] = sorted(set(re.findall(r"vllm-mixed: (.+? via \w+)", text)))
-    row["kernels"] = sorted(set(re.findall(r"Using (\w+) (?:for|kernel|backend|MoE)", text)))
+    row["kernels"] = sorted(set(re.findall(r"Using '?(\w+)'? (?:WNA16 MoE backend|Fp8 MoE backend|backend)", text)))
+    row["kernels"] += sorted(set(re.findall(r"Selected (\w+) for (\w+)", text)))
     if rc != 0:
-        row["tail"] = text[-2500:]
+        row["tail"] = text[-3000:]
     return row
 
 
@@ -149,27 +231,46 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", default="stock-gptq-experts,mix-a")
+    ap.add_argument("--bench", choices=sorted(BENCH), default="throughput")
     ap.add_argument("--work", default="/tmp/vllm-mixed-bench")
     ap.add_argument("--timeout", type=int, default=330)
+    ap.add_argument("--budget-s", type=int, default=560, help="start no row after this many seconds minus 100")
     args = ap.parse_args()
+    start = time.perf_counter()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    dirs, planned = model_dirs(work)
+    specs = args.rows.split(",")
+    for s in specs:
+        parse_row(s)
+    dirs, plans = model_dirs(work)
+    hbm = hbm_copy_gbs() if args.bench == "latency" else None
+    results_path = out / f"{args.bench}.json"
     rows = []
-    for name in args.rows.split(","):
-        row = bench(name, dirs[name], out, args.timeout)
-        if name in planned:
-            row["plan_gib"] = round(planned[name] / 2**30, 2)
+    for spec in specs:
+        left = args.budget_s - (time.perf_counter() - start)
+        if left < 100:
+            rows.append({"row": spec, "bench": args.bench, "rc": "skipped: call budget"})
+            continue
+        name, _ = parse_row(spec)
+        row = run_row(spec, dirs[name], args.bench, out, min(args.timeout, int(left)))
+        plan = plans[PLAN_OF[name]]
+        row["plan_gib"] = round(plan.total_bytes / 2**30, 2)
+        if hbm:
+            floor = decode_bytes(plan, 32 + 128) / (hbm * 1e9)
+            row["hbm_gbs"], row["floor_ms"] = round(hbm, 1), round(1000 * floor, 3)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "tail"}), flush=True)
         if "tail" in row:
             print(row["tail"], flush=True)
-    (out / "throughput.json").write_text(json.dumps(rows, indent=1))
-    print("\nrow                 output tok/s  total tok/s  weights GiB  plan GiB  wall s")
+        results_path.write_text(json.dumps(rows, indent=1))
+    results_path.write_text(json.dumps(rows, indent=1))
+    key = "output_tok_s" if args.bench == "throughput" else "ms_per_token"
+    print(f"\n{'row':28s}{key:>14}  {'total tok/s':>11}  {'weights GiB':>11}  {'plan GiB':>8}  {'floor ms':>8}  wall s")
     for r in rows:
         print(
-            f"{r['row']:20s}{r.get('output_tok_s') or '-':>12}  {r.get('total_tok_s') or '-':>11}  {r.get('weights_gib') or '-':>11}  {r.get('plan_gib', '-'):>8}  {r['wall_s']:>6}"
+            f"{r['row']:28s}{r.get(key) or '-':>14}  {r.get('total_tok_s') or '-':>11}  {r.get('weights_gib') or '-':>11}"
+            f"  {r.get('plan_gib', '-'):>8}  {r.get('floor_ms', '-'):>8}  {r.get('wall_s', r['rc'])}"
         )
 
 

@@ -490,11 +490,22 @@ def _plot_pillow(
     draw.text(((left + right) / 2, height - 22), x_label, fill="black", font=font, anchor="mm")
     draw.text((left, top - 8), y_label, fill="black", font=font, anchor="ld")
     draw.text((width / 2, 16), title, fill="black", font=font, anchor="mm")
-    for i, (label, x, y) in enumerate(points):
+    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far: close points must not overlap
+    order = sorted(range(len(points)), key=lambda i: -points[i][2])
+    for i in order:
+        label, x, y = points[i]
         cx, cy, r = px(x), py(y), 6
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=_COLORS[i % len(_COLORS)], outline="black")
         flip = cx + 10 + draw.textlength(label, font=font) > right
-        draw.text((cx - 10 if flip else cx + 10, cy - 8), label, fill="black", font=font, anchor="rd" if flip else "ld")
+        anchor, tx, ty = ("rd" if flip else "ld"), (cx - 10 if flip else cx + 10), cy - 8
+        box = draw.textbbox((tx, ty), label, font=font, anchor=anchor)
+        while any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            ty += box[3] - box[1] + 4
+            box = draw.textbbox((tx, ty), label, font=font, anchor=anchor)
+        if ty != cy - 8:
+            draw.line([(cx, cy), (tx, (box[1] + box[3]) / 2)], fill="#888888")
+        draw.text((tx, ty), label, fill=_COLORS[i % len(_COLORS)] if ty != cy - 8 else "black", font=font, anchor=anchor)
+        placed.append(box)
     img.save(path, format="PNG")
 
 
