@@ -11,7 +11,7 @@ import torch
 
 from vllm_mixed.formats import FORMATS
 from vllm_mixed.formats.fp8_block import FP8_BLOCK, expand_block_scale
-from vllm_mixed.formats.gptq_int4 import GPTQ_INT4, pack_int4, unpack_int4
+from vllm_mixed.formats.gptq_int4 import GPTQ_INT4, dequantize_stacked, pack_int4, unpack_int4
 from vllm_mixed.formats.unquantized import UNQUANTIZED
 from vllm_mixed.safetensors_header import DTYPE_SIZES
 
@@ -197,6 +197,26 @@ def test_gptq_quantized_tensors_decode_with_reference() -> None:
     w = random_weight(64, 256)
     tensors = GPTQ_INT4.quantize(w, {"group_size": 128, "sym": False})
     assert np.array_equal(GPTQ_INT4.dequantize(tensors, None).numpy(), reference_gptq_dequant(tensors, 128))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [32, 96])
+def test_gptq_stacked_dequant_equals_per_expert_reference(sym: bool, group: int) -> None:
+    """The CPU path's batched expert dequantizer (int32 unpack, chunked, in
+    vLLM's transposed [E, K/8, N] layout) against the per-matrix reference,
+    with every nibble value and sign-bit words present."""
+    gen = torch.Generator().manual_seed(3)
+    qc = {"group_size": group, "sym": sym, "desc_act": False}
+    experts, n, k = 5, 48, 96
+    enc = [GPTQ_INT4.quantize(torch.randn(n, k, generator=gen), qc) for _ in range(experts)]
+    stack = {name: torch.stack([e[name] for e in enc]) for name in ("qweight", "qzeros", "scales")}
+    assert (stack["qweight"] < 0).any(), "words with the sign bit set must be covered"
+    got = dequantize_stacked(
+        stack["qweight"], stack["qzeros"], stack["scales"], group, torch.float64, torch.float64, chunk=2
+    )
+    want = torch.stack([GPTQ_INT4.dequantize(e, qc, torch.float64) for e in enc])
+    assert got.shape == (experts, n, k)
+    assert torch.equal(got, want)
 
 
 def test_gptq_packing_matches_vllm_helpers() -> None:

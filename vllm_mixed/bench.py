@@ -504,7 +504,9 @@ def _plot_pillow(
             box = draw.textbbox((tx, ty), label, font=font, anchor=anchor)
         if ty != cy - 8:
             draw.line([(cx, cy), (tx, (box[1] + box[3]) / 2)], fill="#888888")
-        draw.text((tx, ty), label, fill=_COLORS[i % len(_COLORS)] if ty != cy - 8 else "black", font=font, anchor=anchor)
+        draw.text(
+            (tx, ty), label, fill=_COLORS[i % len(_COLORS)] if ty != cy - 8 else "black", font=font, anchor=anchor
+        )
         placed.append(box)
     img.save(path, format="PNG")
 

@@ -17,7 +17,7 @@ import torch
 
 from vllm_mixed.formats.base import TensorSpec
 
-__all__ = ["GPTQ_INT4", "pack_int4", "unpack_int4"]
+__all__ = ["GPTQ_INT4", "dequantize_stacked", "pack_int4", "unpack_int4"]
 
 BITS = 4
 PER_WORD = 32 // BITS  # 8
@@ -45,6 +45,37 @@ def unpack_int4(words: torch.Tensor, dim: int) -> torch.Tensor:
     shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
     v = (w.unsqueeze(-1) >> shifts) & MAXQ
     return v.reshape(*w.shape[:-1], -1).movedim(-1, dim)
+
+
+def _unpack_int32(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`unpack_int4` along a non-negative ``dim``, in int32 (the
+    arithmetic shift's sign bits are masked off): a quarter of the traffic."""
+    shape = [1] * (words.dim() + 1)
+    shape[dim + 1] = PER_WORD
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int32).view(shape)
+    return ((words.unsqueeze(dim + 1) >> shifts) & MAXQ).flatten(dim, dim + 1)
+
+
+def dequantize_stacked(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype,
+    out_dtype: torch.dtype, chunk: int = 16,
+) -> torch.Tensor:  # fmt: skip
+    """Experts stacked as vLLM's MoE registers them (``qweight`` [E, K/8, N],
+    ``qzeros`` [E, K/g, N/8], ``scales`` [E, K/g, N], sequential groups) to
+    [E, N, K] in ``out_dtype``, ``chunk`` experts at a time; equal to
+    :meth:`GptqInt4.dequantize` per expert computed in ``dtype``."""
+    e, k8, n = qweight.shape
+    k = k8 * PER_WORD
+    g = k if group == -1 else group
+    out = torch.empty(e, n, k, dtype=out_dtype)
+    for lo in range(0, e, chunk):
+        hi = min(lo + chunk, e)
+        # transpose the packed words (1/8 of the values) so every later step writes [N, K] contiguously
+        q = _unpack_int32(qweight[lo:hi].transpose(1, 2), dim=2).view(hi - lo, n, k // g, g)
+        zeros = (_unpack_int32(qzeros[lo:hi], dim=2) + 1).transpose(1, 2).unsqueeze(3)
+        w = (q - zeros).to(dtype) * scales[lo:hi].transpose(1, 2).to(dtype).unsqueeze(3)
+        out[lo:hi] = w.view(hi - lo, n, k)
+    return out
 
 
 def _fp16_scale(need: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from vllm.model_executor.parameter import (
 from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_mixed.formats.fp8_block import FP8_BLOCK, block_size
-from vllm_mixed.formats.gptq_int4 import GPTQ_INT4, PER_WORD
+from vllm_mixed.formats.gptq_int4 import GPTQ_INT4, PER_WORD, dequantize_stacked
 
 __all__ = [
     "CpuDequantFp8BlockLinearMethod",
@@ -207,11 +207,7 @@ class CpuDequantGptqMoEMethod(UnquantizedFusedMoEMethod):
 
     def _dequant(self, layer: torch.nn.Module, prefix: str) -> torch.Tensor:
         q, z, s = (getattr(layer, f"{prefix}_{n}").data for n in ("qweight", "qzeros", "scales"))
-        per_expert = [
-            GPTQ_INT4.dequantize({"qweight": q[e], "qzeros": z[e], "scales": s[e]}, self.quant_config, _WORK)
-            for e in range(q.shape[0])
-        ]
-        return torch.stack(per_expert).to(layer.orig_dtype).contiguous()
+        return dequantize_stacked(q, z, s, self.group, _WORK, layer.orig_dtype)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         w13, w2 = self._dequant(layer, "w13"), self._dequant(layer, "w2")
