@@ -43,31 +43,22 @@ DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # where the quantizers run
 
 
 def write_checkpoints(root: Path, layers: int) -> dict[str, Path]:
+    """The three checkpoints as ``make-tiny`` writes them (same weight init,
+    encoding and config.json), at ``CONFIG``'s width, one shard per decoder
+    layer so that no more than one layer is in memory."""
     import torch
     from safetensors.torch import save_file
 
     from vllm_mixed.architectures import layers_for
-    from vllm_mixed.formats import FORMATS
-    from vllm_mixed.tiny import FP8_QUANT_CONFIG, GPTQ_QUANT_CONFIG
+    from vllm_mixed.tiny import LAYOUTS, checkpoint_config, encode_member, init_weight
 
     cfg = dict(CONFIG, num_hidden_layers=layers)
-    table = layers_for(cfg, "load benchmark config")
-    layouts = {
-        "bf16": ("unquantized", None, "bfloat16"),
-        "fp8": ("fp8_block", dict(FP8_QUANT_CONFIG), "bfloat16"),
-        "gptq-int4": ("gptq_int4", dict(GPTQ_QUANT_CONFIG), "float16"),
-    }
-    layouts["fp8"][1]["modules_to_not_convert"] = ["lm_head"] + [f"model.layers.{i}.mlp.gate" for i in range(layers)]
-
-    def shard_of(name: str) -> str:
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        return f"layer{int(m.group(1)):03d}" if m else "outer"
-
     groups: dict[str, list] = {}
-    for layer in table:
-        groups.setdefault(shard_of(layer.name), []).append(layer)
+    for layer in layers_for(cfg, "load benchmark config"):
+        m = re.match(r"model\.layers\.(\d+)\.", layer.name)
+        groups.setdefault(f"layer{int(m.group(1)):03d}" if m else "outer", []).append(layer)
     dirs = {}
-    for name, (fmt, qc, float_dtype) in layouts.items():
+    for name, (fmt, qc, float_dtype) in LAYOUTS.items():
         out = root / name
         dirs[name] = out
         if (out / "model.safetensors.index.json").exists() and json.loads((out / "config.json").read_text()).get(
@@ -75,26 +66,16 @@ def write_checkpoints(root: Path, layers: int) -> dict[str, Path]:
         ) == layers:
             continue  # written by an earlier run in this work directory
         out.mkdir(parents=True, exist_ok=True)
-        config = dict(cfg, torch_dtype=float_dtype)
-        if qc:
-            config["quantization_config"] = qc
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+        (out / "config.json").write_text(json.dumps(checkpoint_config(cfg, name), indent=2))
         gen = torch.Generator(device=DEVICE).manual_seed(0)
         weight_map, total = {}, 0
         keys = sorted(groups)
         for i, key in enumerate(keys):
             tensors = {}
-            with torch.device(DEVICE):
+            with torch.device(DEVICE):  # the quantizers' own tensors land there too
                 for layer in groups[key]:
                     for m in layer.members:
-                        if layer.kind == "norm":
-                            w = 1.0 + 0.1 * torch.randn(m.shape, generator=gen)
-                        else:
-                            w = (0.1 if layer.kind == "router" else 0.02) * torch.randn(m.shape, generator=gen)
-                        if layer.quantizable and fmt != "unquantized":
-                            enc = FORMATS[fmt].quantize(w, qc)
-                        else:
-                            enc = FORMATS["unquantized"].quantize(w, None, float_dtype)
+                        enc = encode_member(layer, init_weight(layer.kind, m.shape, gen), fmt, qc, float_dtype)
                         tensors.update({f"{m.name}.{k}": v.cpu() for k, v in enc.items()})
             fname = f"model-{i + 1:05d}-of-{len(keys):05d}.safetensors"
             save_file(tensors, str(out / fname), metadata={"format": "pt"})

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vllm_mixed.architectures import layers_for
+from vllm_mixed.architectures import Layer, layers_for
 from vllm_mixed.formats import FORMATS
 from vllm_mixed.formats.writer import write_checkpoint
 
@@ -106,21 +106,38 @@ def main():\n    print("hello")\nfor i in range(10):\n    total += i * 2
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+# checkpoint directory -> (format, its quantization_config, dtype of the unquantized tensors)
+LAYOUTS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
+    "bf16": ("unquantized", None, "bfloat16"),
+    "fp8": ("fp8_block", FP8_QUANT_CONFIG, "bfloat16"),
+    "gptq-int4": ("gptq_int4", GPTQ_QUANT_CONFIG, "float16"),
+}
+
+
+def init_weight(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A float32 master weight of one member: norms near 1, a sharper
+    router, small linears (on the generator's device)."""
+    if kind == "norm":
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen, device=gen.device)
+    return (0.1 if kind == "router" else 0.02) * torch.randn(shape, generator=gen, device=gen.device)
+
+
 def master_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
     """Float32 master weights, keyed by checkpoint module name (no suffix)."""
     gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in layers_for(cfg, "tiny config"):
-        for m in layer.members:
-            if layer.kind == "norm":
-                out[m.name] = 1.0 + 0.1 * torch.randn(m.shape, generator=gen)
-            else:
-                out[m.name] = (
-                    0.02 * torch.randn(m.shape, generator=gen)
-                    if layer.kind != "router"
-                    else 0.1 * torch.randn(m.shape, generator=gen)
-                )
-    return out
+    return {
+        m.name: init_weight(layer.kind, m.shape, gen) for layer in layers_for(cfg, "tiny config") for m in layer.members
+    }
+
+
+def encode_member(
+    layer: Layer, weight: torch.Tensor, fmt: str, qc: dict[str, Any] | None, float_dtype: str
+) -> dict[str, torch.Tensor]:
+    """One member's checkpoint tensors by suffix: ``fmt`` where the layer is
+    quantizable, else ``float_dtype``."""
+    if layer.quantizable and fmt != "unquantized":
+        return FORMATS[fmt].quantize(weight, qc)
+    return FORMATS["unquantized"].quantize(weight, None, float_dtype)
 
 
 def checkpoint_tensors(
@@ -128,16 +145,27 @@ def checkpoint_tensors(
 ) -> dict[str, torch.Tensor]:
     """All tensors of one published-format checkpoint: quantizable layers in
     ``fmt``, everything else in ``float_dtype``."""
-    unq = FORMATS["unquantized"]
     tensors = {}
     for layer in layers_for(cfg, "tiny config"):
         for m in layer.members:
-            if layer.quantizable and fmt != "unquantized":
-                encoded = FORMATS[fmt].quantize(master[m.name], qc)
-            else:
-                encoded = unq.quantize(master[m.name], None, float_dtype)
+            encoded = encode_member(layer, master[m.name], fmt, qc, float_dtype)
             tensors.update({f"{m.name}.{k}": v for k, v in encoded.items()})
     return tensors
+
+
+def checkpoint_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """config.json of the ``name`` checkpoint (a key of ``LAYOUTS``) as
+    published: its dtype and quantization_config (FP8 leaves the head and the
+    routers unconverted)."""
+    fmt, qc, float_dtype = LAYOUTS[name]
+    config = {**cfg, "torch_dtype": float_dtype}
+    if qc is not None:
+        config["quantization_config"] = dict(qc)
+    if fmt == "fp8_block":
+        config["quantization_config"]["modules_to_not_convert"] = ["lm_head"] + [
+            f"model.layers.{i}.mlp.gate" for i in range(cfg["num_hidden_layers"])
+        ]
+    return config
 
 
 def write_tokenizer(directory: Path) -> None:
@@ -178,22 +206,11 @@ def make_tiny(directory: str | Path, seed: int = 0, shard_bytes: int = 2 * 2**20
     root = Path(directory)
     cfg = dict(TINY_CONFIG)
     master = master_weights(cfg, seed)
-    layouts = {
-        "bf16": ("unquantized", None, "bfloat16"),
-        "fp8": ("fp8_block", FP8_QUANT_CONFIG, "bfloat16"),
-        "gptq-int4": ("gptq_int4", GPTQ_QUANT_CONFIG, "float16"),
-    }
     dirs = {}
-    for name, (fmt, qc, float_dtype) in layouts.items():
-        config = {**cfg, "torch_dtype": float_dtype}
-        if qc is not None:
-            config["quantization_config"] = dict(qc)
-        if fmt == "fp8_block":
-            config["quantization_config"]["modules_to_not_convert"] = ["lm_head"] + [
-                f"model.layers.{i}.mlp.gate" for i in range(cfg["num_hidden_layers"])
-            ]
+    for name, (fmt, qc, float_dtype) in LAYOUTS.items():
         out = root / name
-        write_checkpoint(out, checkpoint_tensors(cfg, master, fmt, qc, float_dtype), config, shard_bytes)
+        tensors = checkpoint_tensors(cfg, master, fmt, qc, float_dtype)
+        write_checkpoint(out, tensors, checkpoint_config(cfg, name), shard_bytes)
         write_tokenizer(out)
         dirs[name] = out
     (root / "recipe.yaml").write_text(RECIPE)
