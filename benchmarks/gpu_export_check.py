@@ -15,20 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_oracle as go
-import yaml
 
-from tests.e2e.reference import compare, hf_model, teacher_forced_logprobs
 from vllm_mixed.compose import compose
 from vllm_mixed.export import export
-from vllm_mixed.plan import build_plan
-from vllm_mixed.recipe import load_recipe
-from vllm_mixed.tiny import make_tiny
 
 out_final, work = Path(sys.argv[1]), Path("/tmp/export-check")
 rows_dir = work / "rows"
 rows_dir.mkdir(parents=True, exist_ok=True)
-make_tiny(work / "tiny")
-src = {"bf16": str(work / "tiny/bf16"), "fp8": str(work / "tiny/fp8"), "int4": str(work / "tiny/gptq-int4")}
 E = {"targets": ["model.layers.*.mlp.experts"], "source": "int4"}
 A = {"targets": ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"], "source": "fp8"}
 recipes = {
@@ -37,16 +30,10 @@ recipes = {
     "mix": ("bf16", [E]),
     "int4-exp-fp8-attn": ("bf16", [E, A]),
 }
-plans, exported = {}, {}
-for name, (default, rules) in recipes.items():
-    p = work / f"{name}.yaml"
-    p.write_text(
-        yaml.safe_dump({"sources": src, "base": "bf16", "default": default, "dtype": "bfloat16", "rules": rules})
-    )
-    plans[name] = build_plan(load_recipe(p))
-    exported[name] = export(plans[name], work / f"export-{name}", progress=False)
-    if name in ("mix", "int4-exp-fp8-attn"):
-        compose(plans[name], work / f"composed-{name}")
+plans = go.tiny_plans(work, recipes)
+exported = {name: export(plan, work / f"export-{name}", progress=False) for name, plan in plans.items()}
+for name in ("mix", "int4-exp-fp8-attn"):
+    compose(plans[name], work / f"composed-{name}")
 rows = [("stock-fp8", work / "tiny/fp8", "auto"), ("stock-gptq", work / "tiny/gptq-int4", "auto")]
 rows += [(f"export-{n}", exported[n], "auto") for n in recipes]
 rows += [(f"plugin-{n}", work / f"composed-{n}", "mixed") for n in ("mix", "int4-exp-fp8-attn")]
@@ -70,11 +57,7 @@ for n in recipes:
         continue
     o = res.get(oracle[n], {})
     same = (r["tokens"] == o["tokens"]) if o.get("ok") else "oracle failed"
-    model = hf_model(plans[n])
-    st = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(go.TEACHER, r["teacher"])]
-    npos = sum(s["positions"] for s in st)
-    top1 = sum(s["top1_agreement"] * s["positions"] for s in st) / npos
-    gap = max(s["worst_logprob_gap"] for s in st)
+    top1, gap = go.vs_reference(plans[n], r["teacher"])
     print(f"{n:18s} ok    {oracle[n]}={same}  {top1:.3f}  {gap:.3f}  {'; '.join(r['kernels'][:5])}")
 for n in ("stock-fp8", "stock-gptq", "plugin-mix", "plugin-int4-exp-fp8-attn"):
     print(n, res[n]["ok"], "; ".join(res[n].get("kernels", [])[:4]))

@@ -88,6 +88,37 @@ def run(name: str, model: Path, load_format: str, out_dir: Path, tp: int = 1) ->
     return res
 
 
+def tiny_plans(work: Path, recipes: dict[str, tuple[str, list]]) -> dict:
+    """Write the tiny model under ``work/tiny`` and each recipe (name ->
+    (default source, rules)) over its three checkpoints; their plans."""
+    import yaml
+
+    from vllm_mixed.plan import build_plan
+    from vllm_mixed.recipe import load_recipe
+    from vllm_mixed.tiny import make_tiny
+
+    make_tiny(work / "tiny")
+    src = {"bf16": str(work / "tiny/bf16"), "fp8": str(work / "tiny/fp8"), "int4": str(work / "tiny/gptq-int4")}
+    plans = {}
+    for name, (default, rules) in recipes.items():
+        path = work / f"{name}.yaml"
+        body = {"sources": src, "base": "bf16", "default": default, "dtype": "bfloat16", "rules": rules}
+        path.write_text(yaml.safe_dump(body))
+        plans[name] = build_plan(load_recipe(path))
+    return plans
+
+
+def vs_reference(plan, teacher: list) -> tuple[float, float]:
+    """(top-1 agreement, worst |logprob gap|) of a row's teacher-forced
+    logprobs against the float32 transformers reference on ``plan``'s weights."""
+    from tests.e2e.reference import compare, hf_model, teacher_forced_logprobs
+
+    model = hf_model(plan)
+    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, teacher)]
+    n = sum(st["positions"] for st in stats)
+    return sum(st["top1_agreement"] * st["positions"] for st in stats) / n, max(st["worst_logprob_gap"] for st in stats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -97,33 +128,19 @@ def main() -> None:
                     help="recipes run at TP N and their stock oracles; tp1: the mix at TP 1 too; mix-export: the "
                     "mix exported to compressed-tensors and served by stock vLLM")  # fmt: skip
     args = ap.parse_args()
-    import yaml
-
-    from tests.e2e.reference import compare, hf_model, teacher_forced_logprobs
     from vllm_mixed.compose import compose
-    from vllm_mixed.plan import build_plan
-    from vllm_mixed.recipe import load_recipe
-    from vllm_mixed.tiny import make_tiny
 
     final, work = Path(args.out), Path(args.work)
     out_dir = work / "rows"  # per-row logs; packed into one file at the end
     out_dir.mkdir(parents=True, exist_ok=True)
-    make_tiny(work / "tiny")
-    src = {"bf16": str(work / "tiny/bf16"), "fp8": str(work / "tiny/fp8"), "int4": str(work / "tiny/gptq-int4")}
     recipes = {
         "all-bf16": ("bf16", []),
         "all-fp8": ("fp8", []),
         "all-int4": ("int4", []),
         "mix": ("bf16", [{"targets": ["model.layers.*.mlp.experts"], "source": "int4"}]),
     }
-    plans, composed = {}, {}
-    for name, (default, rules) in recipes.items():
-        path = work / f"{name}.yaml"
-        path.write_text(
-            yaml.safe_dump({"sources": src, "base": "bf16", "default": default, "dtype": "bfloat16", "rules": rules})
-        )
-        plans[name] = build_plan(load_recipe(path))
-        composed[name] = compose(plans[name], work / name)
+    plans = tiny_plans(work, recipes)
+    composed = {name: compose(plan, work / name) for name, plan in plans.items()}
 
     if args.tp > 1:
         return tp_check(args.tp, args.tp_recipes.split(","), work, composed, plans, out_dir, final)
@@ -141,11 +158,7 @@ def main() -> None:
         r = results[name]
         row = {"recipe": name, "ok": r["ok"]}
         if r["ok"]:
-            model = hf_model(plans[name])
-            stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, r["teacher"])]
-            n = sum(s["positions"] for s in stats)
-            row["top1_vs_fp32_ref"] = sum(s["top1_agreement"] * s["positions"] for s in stats) / n
-            row["worst_logprob_gap"] = max(s["worst_logprob_gap"] for s in stats)
+            row["top1_vs_fp32_ref"], row["worst_logprob_gap"] = vs_reference(plans[name], r["teacher"])
             row["methods"] = r["methods"]
             if name in oracle and results[oracle[name]]["ok"]:
                 row["same_greedy_as_stock"] = r["tokens"] == results[oracle[name]]["tokens"]
@@ -181,7 +194,6 @@ def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict,
     """vLLM's own tensor parallelism: the mix at TP ``tp`` gives the same
     greedy tokens as at TP 1, and each pure recipe at TP ``tp`` the same as
     stock vLLM on its single checkpoint at TP ``tp``."""
-    from tests.e2e.reference import compare, hf_model, teacher_forced_logprobs
     from vllm_mixed.export import export
 
     stock = {n: work / d for n, d in {"all-bf16": "tiny/bf16", "all-fp8": "tiny/fp8", "all-int4": "tiny/gptq-int4"}.items()
@@ -208,11 +220,7 @@ def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict,
             gaps = [abs(pa[k][0] - pb[k][0]) for sa, sb in zip(a["teacher"], b["teacher"])
                     for pa, pb in zip(sa, sb) for k in set(pa) & set(pb)]  # fmt: skip
             row["max_teacher_logprob_diff"] = max(gaps) if gaps else None
-            name = got.split("@")[0]
-            model = hf_model(plans[name])
-            stats = [compare(teacher_forced_logprobs(model, ids), g) for ids, g in zip(TEACHER, b["teacher"])]
-            n = sum(st["positions"] for st in stats)
-            row["top1_vs_fp32_ref"] = sum(st["top1_agreement"] * st["positions"] for st in stats) / n
+            row["top1_vs_fp32_ref"], _ = vs_reference(plans[got.split("@")[0]], b["teacher"])
             row["methods"] = b.get("methods", [])
         rows.append(row)
     (final / "tp.json").write_text(json.dumps({"tp": tp, "rows": rows, "results": {
