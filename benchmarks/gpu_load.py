@@ -28,13 +28,15 @@ import ctypes
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from isolated import run_isolated  # noqa: E402
+
 CONFIG = json.loads((ROOT / "benchmarks" / "qwen3-30b-a3b-config.json").read_text())
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # where the quantizers run
 
@@ -172,19 +174,7 @@ def run_row(name: str, model: Path, load_format: str, files: list[Path], cold: b
     res, log = out / f"load-{name}.json", out / f"load-{name}.log"
     env = {**os.environ, "VLLM_MIXED_BENCH_LOAD_PROBE": "1", "VLLM_USE_DEEP_GEMM": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, __file__, "--child", str(model), load_format, str(res)],
-                                stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=240)
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        finally:
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
-            time.sleep(2)
+    rc = run_isolated([sys.executable, __file__, "--child", str(model), load_format, str(res)], log, 240, env)
     after = sum(resident_bytes(f) for f in files)
     disk = pgpgin_bytes() - disk0
     text = log.read_text(errors="replace")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from isolated import run_isolated  # noqa: E402
 
 _rng = random.Random(7)
 PROMPTS = [[_rng.randrange(3, 1000) for _ in range(n)] for n in (6, 12, 20, 9)]
@@ -61,23 +63,10 @@ def run(name: str, model: Path, load_format: str, out_dir: Path, tp: int = 1) ->
     out = out_dir / f"{name}.json"
     log = out_dir / f"{name}.log"
     t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", str(model), load_format, str(out), str(tp)],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            proc.wait(timeout=400)
-        finally:
-            try:
-                os.killpg(proc.pid, 9)  # whatever the row left running
-            except ProcessLookupError:
-                pass
+    rc = run_isolated([sys.executable, __file__, "--child", str(model), load_format, str(out), str(tp)], log, 400)
     text = log.read_text()
-    if proc.returncode != 0 or not out.exists():
-        print(f"[{name}] FAILED rc={proc.returncode}\n" + text[-4000:], flush=True)
+    if rc != 0 or not out.exists():
+        print(f"[{name}] FAILED rc={rc}\n" + text[-4000:], flush=True)
         return {"ok": False, "log_tail": text[-3000:]}
     res = json.loads(out.read_text())
     res["ok"] = True

@@ -39,6 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from isolated import run_isolated  # noqa: E402
+
 CONFIG = json.loads((ROOT / "benchmarks" / "qwen3-30b-a3b-config.json").read_text())
 LAYERS = CONFIG["num_hidden_layers"]
 ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
@@ -196,18 +199,7 @@ def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", bench, "--model", str(model),
            *ENGINE, *BENCH[bench], *extra, "--output-json", str(js)]  # fmt: skip
     t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        finally:
-            try:
-                os.killpg(proc.pid, 9)  # the engine core must not hold the GPU for the next row
-            except ProcessLookupError:
-                pass
-            time.sleep(3)
+    rc = run_isolated(cmd, log, timeout, env)
     text = log.read_text(errors="replace")
     row: dict = {"row": spec, "bench": bench, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
     m = re.search(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s", text)
