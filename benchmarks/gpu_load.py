@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/vllm-mixed-load")
     ap.add_argument("--rows", default="stock-bf16,stock-fp8,stock-gptq,mix-a,stock-gptq-warm,mix-a-warm")
     ap.add_argument("--child", nargs=3)
+    ap.add_argument("--budget-s", type=int, default=560, help="start no row after this many seconds minus 90")
     args = ap.parse_args()
     if args.child:
         return child(*args.child)
@@ -254,6 +255,10 @@ def main() -> None:
                  ("mix-a-warm", mix, "mixed", needed["mix-a"], False)]  # fmt: skip
     wanted = args.rows.split(",")
     for name, model, fmt, need, cold in [r for r in plan_rows if r[0] in wanted]:
+        if args.budget_s - (time.perf_counter() - t0) < 90:
+            rows.append({"row": name, "cache": "cold" if cold else "warm", "rc": "skipped: call budget",
+                         "needed_gib": round(need / 2**30, 3)})  # fmt: skip
+            continue
         row = run_row(name, model, fmt, files, cold, need, out)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "tail"}), flush=True)
