@@ -195,7 +195,8 @@ def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict
     extra, env_extra = VARIANTS[variant] if variant else ([], {})
     tag = re.sub(r"[^\w.-]", "_", spec)
     log, js = out / f"{bench}-{tag}.log", out / f"{bench}-{tag}.json"
-    env = {**os.environ, "VLLM_USE_DEEP_GEMM": "0", "VLLM_MIXED_BENCH_INT_FILL": "1", **env_extra}
+    env = {**os.environ, "VLLM_USE_DEEP_GEMM": "0", "VLLM_MIXED_BENCH_INT_FILL": "1", "VLLM_MIXED_BENCH_LOAD_PROBE": "1",
+           **env_extra}  # fmt: skip
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", bench, "--model", str(model),
            *ENGINE, *BENCH[bench], *extra, "--output-json", str(js)]  # fmt: skip
     t0 = time.perf_counter()
@@ -211,6 +212,9 @@ def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict
         row["ms_per_token"] = round(1000 * r["avg_latency"] / 256, 3) if r.get("avg_latency") else None
     m = re.search(r"Model loading took ([\d.]+) GiB", text)
     row["weights_gib"] = float(m.group(1)) if m else None
+    m = re.search(r"BENCH_LOAD_PROBE loader=\w+ seconds=[\d.]+ before_gib=[\d.]+ peak_gib=([\d.]+) resident_gib=([\d.]+)", text)
+    if m:  # GPU memory during the load (dummy weights, then process_weights_after_loading) against after it
+        row["load_peak_gib"], row["load_resident_gib"] = float(m.group(1)), float(m.group(2))
     row["methods"] = sorted(set(re.findall(r"vllm-mixed: (.+? via \w+)", text)))
     row["kernels"] = sorted(set(re.findall(r"Using '?(\w+)'? (?:WNA16 MoE backend|Fp8 MoE backend|backend)", text)))
     row["kernels"] += sorted(set(re.findall(r"Selected (\w+) for (\w+)", text)))

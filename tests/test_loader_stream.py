@@ -7,6 +7,7 @@ while the error itself is still held (its traceback keeps the stream's frame).""
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -62,7 +63,9 @@ def read_tensors(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[torch.Tens
         return out
 
     monkeypatch.setattr(loader, "_runtime", tracking)
-    monkeypatch.setattr(loader, "QUEUE_TENSORS", 2)
+    monkeypatch.setattr(loader, "QUEUE_CHUNKS", 1)
+    monkeypatch.setattr(loader, "CHUNK_BYTES", 2 * ROWS * COLS * 4)  # two tensors per read
+    monkeypatch.setattr(loader, "READ_THREADS", 1)  # shard a, then b: the fault in b comes after tensors were read
     return refs
 
 
@@ -141,3 +144,89 @@ def test_consumer_stopping_early(tmp_path: Path, read_tensors: list[weakref.ref[
             finally:
                 stream.close()
     assert_released(read_tensors)
+
+
+def plan_of(infos: list[TensorInfo]) -> LoadPlan:
+    """A plan of raw tensors (a format ``_runtime`` leaves alone)."""
+    layers = [PlannedLayer(layer=None, source="s", format="gptq_int4", precision="int4", tensors=tuple(infos))]  # type: ignore[arg-type]
+    return LoadPlan(recipe=None, sources={}, layers=layers)  # type: ignore[arg-type]
+
+
+def test_every_dtype_reads_as_safe_open_does(tmp_path: Path) -> None:
+    """The loader's own reads (views of one buffer per run) give safe_open's
+    tensors bit for bit, for every safetensors dtype, a scalar, an empty
+    tensor and tensors left unaligned by an odd-sized one."""
+    from safetensors import safe_open
+
+    from tests.test_safetensors_header import random_tensor
+
+    dtypes = [torch.bool, torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2, torch.int16, torch.uint16,
+              torch.float16, torch.bfloat16, torch.int32, torch.uint32, torch.float32, torch.int64, torch.uint64,
+              torch.float64]  # fmt: skip
+    assert {str(d).removeprefix("torch.") for d in dtypes} == {str(d).removeprefix("torch.") for d in loader.TORCH_DTYPES.values()}
+    tensors = {f"t.{i}": random_tensor(dt, (3, 5)) for i, dt in enumerate(dtypes)}
+    tensors.update({"scalar": torch.randn(()), "empty": torch.randn(0, 7), "odd": random_tensor(torch.int8, (7,))})
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path))
+    streamed = dict(loader.stream_plan(plan_of(list(read_header(path).values())), torch.bfloat16, progress=False))
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            want = f.get_tensor(name)
+            assert streamed[name].dtype == want.dtype and streamed[name].shape == want.shape, name
+            assert torch.equal(streamed[name].reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+
+
+def test_unaligned_offsets(tmp_path: Path) -> None:
+    """A writer that does not align tensors (a 3-byte tensor, then float32
+    and int64 at odd offsets): each tensor still holds its own bytes."""
+    import json
+    import struct
+
+    import numpy as np
+
+    parts = {"a.u8": np.arange(3, dtype=np.uint8), "b.f32": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3),
+             "c.i64": np.array([2**40 + 7, -5], dtype=np.int64)}  # fmt: skip
+    names = {"a.u8": "U8", "b.f32": "F32", "c.i64": "I64"}
+    header, data = {}, b""
+    for name, arr in parts.items():
+        header[name] = {"dtype": names[name], "shape": list(arr.shape), "data_offsets": [len(data), len(data) + arr.nbytes]}
+        data += arr.tobytes()
+    raw = json.dumps(header).encode()
+    path = tmp_path / "unaligned.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    infos = read_header(path)
+    assert infos["b.f32"].start % 4 and infos["c.i64"].start % 8  # the case under test
+    streamed = dict(loader.stream_plan(plan_of(list(infos.values())), torch.bfloat16, progress=False))
+    for name, arr in parts.items():
+        assert np.array_equal(streamed[name].numpy(), arr), name
+
+
+def test_reads_exactly_the_planned_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning every other tensor of a shard: the loader's reads cover
+    exactly those tensors' bytes, in runs no larger than ``CHUNK_BYTES``,
+    and readahead is turned off for the file."""
+    path = tmp_path / "a.safetensors"
+    write_shard(path, "a")
+    order = in_file_order(path)
+    wanted = order[:4] + order[6::2]  # 0-3 back to back (two reads at 3 MiB a read), then every other one
+    reads: list[tuple[int, int]] = []
+    advice: list[int] = []
+    preadv, fadvise = os.preadv, os.posix_fadvise
+
+    def counting(fd: int, buffers: list[memoryview], offset: int) -> int:
+        n = preadv(fd, buffers, offset)
+        reads.append((offset, n))
+        return n
+
+    monkeypatch.setattr(os, "preadv", counting)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: (advice.append(how), fadvise(fd, off, n, how)))
+    monkeypatch.setattr(loader, "CHUNK_BYTES", 3 * ROWS * COLS * 4)
+    names = [n for n, _ in loader.stream_plan(plan_of(wanted), torch.bfloat16, progress=False)]
+    assert sorted(names) == sorted(t.name for t in wanted)
+    planned = sorted((t.start, t.end) for t in wanted)
+    covered = sorted((off, off + n) for off, n in reads)
+    assert sum(n for _, n in reads) == sum(e - s for s, e in planned)
+    assert all(any(s <= ps and pe <= e for s, e in covered) for ps, pe in planned)
+    assert max(n for _, n in reads) <= loader.CHUNK_BYTES
+    assert len(reads) < len(planned)  # neighbours were read together
+    assert advice == [os.POSIX_FADV_RANDOM]

@@ -5,7 +5,7 @@ Before reading data it re-plans on the files now on disk and checks them
 against what ``compose`` recorded (``Composition.replan``): a shard damaged or
 replaced since then stops the engine start with the file (and tensor) named.
 Each shard is opened once and read front to back by its own thread (a few at
-a time); tensors reach ``model.load_weights`` under their checkpoint names,
+a time), in large reads that cover exactly the planned bytes; tensors reach ``model.load_weights`` under their checkpoint names,
 already in the dtype their parameter holds. Afterwards every model parameter
 must have been loaded: vLLM does not check this for quantized models, so a
 missing tensor would otherwise serve garbage.
@@ -18,26 +18,28 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.plan import LoadPlan
-from vllm_mixed.safetensors_header import TensorInfo
+from vllm_mixed.safetensors_header import TensorInfo, read_header
 from vllm_mixed.vllm_compat import OPTIONAL_UNLOADED_PARAMS, normalize_param_name
 
 __all__ = ["MixedModelLoader", "stream_plan"]
 
 logger = init_logger("vllm.vllm_mixed.loader")
 
-READ_THREADS = 4
-QUEUE_TENSORS = 64  # bound on tensors read ahead of the model
+READ_THREADS = 4  # files read at once
+CHUNK_BYTES = 32 * 2**20  # planned tensors that sit back to back are read together, up to this much per read
+GAP_BYTES = 4096  # a gap up to this (alignment padding) between planned tensors is read through
+QUEUE_CHUNKS = 8  # bound on chunks read ahead of the model
 
 # (format, checkpoint suffix) -> dtype the vLLM parameter holds; None = the model dtype
 RUNTIME_DTYPE: dict[tuple[str, str], torch.dtype | None] = {
@@ -45,6 +47,15 @@ RUNTIME_DTYPE: dict[tuple[str, str], torch.dtype | None] = {
     ("fp8_block", "weight_scale_inv"): torch.float32,
     ("gptq_int4", "scales"): None,
 }
+
+# safetensors dtype name -> torch dtype (the names of safetensors_header.DTYPE_SIZES)
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+}  # fmt: skip
 
 
 def _runtime(t: torch.Tensor, fmt: str, suffix: str, model_dtype: torch.dtype) -> torch.Tensor:
@@ -54,10 +65,83 @@ def _runtime(t: torch.Tensor, fmt: str, suffix: str, model_dtype: torch.dtype) -
     return t if t.dtype == target else t.to(target)
 
 
+def _chunks(items: list[TensorInfo]) -> list[list[TensorInfo]]:
+    """Planned tensors (in file order) grouped into runs that one read
+    covers: back to back in the file, at most ``CHUNK_BYTES`` (a larger
+    tensor is a run of its own)."""
+    runs: list[list[TensorInfo]] = []
+    for info in items:
+        run = runs[-1] if runs else None
+        if run and 0 <= info.start - run[-1].end <= GAP_BYTES and info.end - run[0].start <= CHUNK_BYTES:
+            run.append(info)
+        else:
+            runs.append([info])
+    return runs
+
+
+def _check_header(path: str, items: list[tuple[str, TensorInfo]], size: int) -> None:
+    """The shard still holds each planned tensor as planned (it may have
+    changed since ``Composition.replan``): the same dtype, shape and bytes."""
+    short = next((info for _, info in items if info.end > size), None)
+    if short is not None:
+        raise MixedError(
+            f"{path}: truncated: tensor {short.name!r} ends at byte {short.end} but the file now holds only "
+            f"{size}; the shard changed during the load, restore it"
+        )
+    now = read_header(Path(path))
+    for _, info in items:
+        cur = now.get(info.name)
+        if cur is None:
+            raise MixedError(
+                f"{path}: read failed at tensor {info.name!r}: it is no longer in the shard's header; the shard "
+                "changed during the load, restore it"
+            )
+        if cur.shape != info.shape:
+            raise MixedError(
+                f"{path}: tensor {info.name!r} has shape {list(cur.shape)} but {list(info.shape)} when "
+                "the load was planned; the shard changed during the load, restore it and load again"
+            )
+        if (cur.dtype, cur.start, cur.end) != (info.dtype, info.start, info.end):
+            raise MixedError(
+                f"{path}: tensor {info.name!r} is now {cur.dtype} at bytes {cur.start}-{cur.end}, planned as "
+                f"{info.dtype} at {info.start}-{info.end}; the shard changed during the load, restore it"
+            )
+
+
+def _read_run(fd: int, path: str, run: list[TensorInfo]) -> list[torch.Tensor]:
+    """One ``preadv`` (the GIL released) of a run's bytes into a fresh
+    buffer; the tensors are views of it, in the file's dtype and shape."""
+    start = run[0].start
+    buf = torch.empty(run[-1].end - start, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], start + got)
+        if n == 0:
+            at = next(i for i in run if i.end > start + got)
+            raise MixedError(
+                f"{path}: truncated: tensor {at.name!r} ends at byte {at.end} but the file ends at byte "
+                f"{start + got}; the shard changed during the load, restore it"
+            )
+        got += n
+    out = []
+    for info in run:
+        raw = buf[info.start - start : info.end - start]
+        dtype = TORCH_DTYPES[info.dtype]
+        if (info.start - start) % dtype.itemsize:  # unaligned for its dtype: give it its own storage
+            raw = raw.clone()
+        out.append(raw.view(dtype).reshape(info.shape))
+    return out
+
+
 def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(checkpoint name, tensor)`` for every planned tensor, each
-    shard read once by a worker thread. Any read fault ends the stream with a
-    :class:`MixedError` naming the file and tensor.
+    """Yield ``(checkpoint name, tensor)`` for every planned tensor. Each
+    shard is read once, front to back, by a worker thread, in large reads
+    of back-to-back planned tensors (``_chunks``) with the kernel's readahead
+    off, so the bytes read are the bytes planned and the reads run outside
+    the GIL; the model gets a chunk's tensors in one queue hand-off. Any read
+    fault ends the stream with a :class:`MixedError` naming the file and
+    tensor.
 
     However the stream ends (exhausted, a fault, the consumer raising or
     closing it early), the reader threads are stopped and joined and the
@@ -70,39 +154,39 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
             fmt_of[(str(t.file), t.name)] = p.format
     by_file = plan.tensors_by_file()
     total = sum(t.nbytes for items in by_file.values() for _, t in items)
-    q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_TENSORS)
+    q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_CHUNKS)
     stop = threading.Event()
     done = object()
 
     def read_file(path: str, items: list[tuple[str, TensorInfo]]) -> None:
         current = None
         try:
-            size = os.path.getsize(path)
-            short = next((info for _, info in items if info.end > size), None)
-            if short is not None:
-                raise MixedError(
-                    f"{path}: truncated: tensor {short.name!r} ends at byte {short.end} but the file now holds only "
-                    f"{size}; the shard changed during the load, restore it"
-                )
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for _, info in items:
-                    current = info.name
-                    if stop.is_set():
-                        return
-                    t = f.get_tensor(info.name)
-                    if tuple(t.shape) != info.shape:
-                        raise MixedError(
-                            f"{path}: tensor {info.name!r} has shape {list(t.shape)} but {list(info.shape)} when "
-                            "the load was planned; the shard changed during the load, restore it and load again"
-                        )
-                    t = _runtime(t, fmt_of[(path, info.name)], info.name.rsplit(".", 1)[-1], model_dtype)
-                    q.put((info.name, t, info.nbytes))
-                    t = None  # the queue (then the consumer) holds it now
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            q.put(MixedError(f"{path}: read failed at opening the file: {exc}; the shard changed or is damaged, restore it"))
+            return
+        try:
+            # planned ranges are read explicitly; readahead would pull in the tensors between them
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            _check_header(path, items, os.fstat(fd).st_size)
+            for run in _chunks([info for _, info in items]):
+                if stop.is_set():
+                    return
+                current = run[0].name
+                batch = [
+                    (info.name, _runtime(t, fmt_of[(path, info.name)], info.name.rsplit(".", 1)[-1], model_dtype), info.nbytes)
+                    for info, t in zip(run, _read_run(fd, path, run), strict=True)
+                ]  # fmt: skip
+                q.put(batch)
+                batch = None  # the queue (then the consumer) holds it now
         except MixedError as exc:
-            q.put(exc.with_traceback(None))  # the traceback would pin this frame's tensor and open file
-        except Exception as exc:  # I/O or safetensors errors while reading
+            q.put(exc.with_traceback(None))  # the traceback would pin this frame's tensors
+        except Exception as exc:  # I/O errors while reading
             where = f"tensor {current!r}" if current else "opening the file"
             q.put(MixedError(f"{path}: read failed at {where}: {exc}; the shard changed or is damaged, restore it"))
+        finally:
+            os.close(fd)
 
     def run_all() -> None:
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="vllm-mixed-read") as pool:
@@ -122,11 +206,12 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
                 break
             if isinstance(item, BaseException):
                 raise item
-            name, tensor, nbytes = item
-            item = None
-            bar.update(nbytes)
-            yield name, tensor
-            tensor = None
+            batch, item = item[::-1], None
+            while batch:
+                name, tensor, nbytes = batch.pop()
+                bar.update(nbytes)
+                yield name, tensor
+                tensor = None
     finally:
         stop.set()
         while producer.is_alive():  # drain so blocked readers can finish
@@ -138,7 +223,7 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
         while not q.empty():  # what the readers put after the last drain
             q.get_nowait()
         # a raised error's traceback keeps this frame (and its locals) alive
-        item = tensor = None
+        item = tensor = batch = None
         bar.close()
 
 
