@@ -14,7 +14,8 @@ experts and FP8-block attention (mix B's kernels, written by the project's
 exporter), and through the plugin mix A and mix B (composed from header-true
 sparse checkpoints, so ``plan`` and ``compose`` run on the real shape). A row
 name may carry ``@humming`` (``--moe-backend humming``), ``@marlin``,
-``@wna16`` (``--quantization moe_wna16``, stock GPTQ dirs only) or
+``@wna16`` (``--quantization moe_wna16``, stock GPTQ dirs only, with a flat
+``modules_in_block_to_quantize``) or
 ``@deepgemm`` (DeepGEMM on; every other row runs with ``VLLM_USE_DEEP_GEMM=0``),
 and ``#N`` to repeat a row.
 
@@ -148,6 +149,14 @@ def model_dirs(work: Path) -> tuple[dict[str, Path], dict[str, object]]:
         if qc == "ct":  # compressed-tensors' own config for mix B's kernels, as `vllm-mixed export` writes it
             ModelCompressor(quantization_config=_plan_groups(plans["mix-b"])[1]).update_config(str(d))
         dirs[name] = d
+        if isinstance(qc, dict) and "modules_in_block_to_quantize" in qc:
+            # vLLM 0.26's moe_wna16 builds its GPTQ config without flattening the published nested list
+            # (gptq_utils.is_layer_gptq_quantized then fails); the flat list means the same to both paths
+            flat = work / f"{name}-flat"
+            flat.mkdir(parents=True, exist_ok=True)
+            mods = [m for block in qc["modules_in_block_to_quantize"] for m in block]
+            (flat / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**qc, "modules_in_block_to_quantize": mods}}))
+            dirs[f"{name}-flat"] = flat
     for d in dirs.values():
         for f in tok.iterdir():
             (d / f.name).write_bytes(f.read_bytes())
@@ -249,7 +258,9 @@ def main() -> None:
             rows.append({"row": spec, "bench": args.bench, "rc": "skipped: call budget"})
             continue
         name, _ = parse_row(spec)
-        row = run_row(spec, dirs[name], args.bench, out, min(args.timeout, int(left)))
+        _, variant = parse_row(spec)
+        model = dirs[f"{name}-flat"] if variant == "wna16" else dirs[name]
+        row = run_row(spec, model, args.bench, out, min(args.timeout, int(left)))
         plan = plans[PLAN_OF[name]]
         row["plan_gib"] = round(plan.total_bytes / 2**30, 2)
         if hbm:
