@@ -211,3 +211,21 @@ def test_header_only_reads_header(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert infos["big"].nbytes == math.prod(big.shape) * 4
     assert peak < 2**20
+
+
+def test_header_reads_turn_readahead_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning and the shard identity read only a shard's header pages: the
+    kernel is told not to read ahead into the tensor data (the load's bytes
+    read would otherwise grow by up to the readahead window per shard)."""
+    import os
+
+    from vllm_mixed.safetensors_header import shard_identity
+
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, str(path))
+    advice: list[int] = []
+    fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: (advice.append(how), fadvise(fd, off, n, how)))
+    assert set(read_header(path)) == {"w"}
+    assert shard_identity(path) is not None
+    assert advice == [os.POSIX_FADV_RANDOM, os.POSIX_FADV_RANDOM]
