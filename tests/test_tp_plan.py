@@ -176,6 +176,12 @@ def test_cli_exit_status_and_message(full: Path, tmp_path: Path, capsys: pytest.
     assert main(["plan", str(mix_a), "--tp", "4"]) == 0
     out = capsys.readouterr().out
     assert "fallback to MoeWNA16Method (Triton, group 64)" in out and "note: experts" in out
+    note = next(line for line in out.splitlines() if line.startswith("note: experts"))
+    # the measured cost of the fallback, and the layouts that keep Marlin
+    assert "44 % less output throughput than Marlin" in note
+    assert "--enable-expert-parallel" in note and "Marlin MoE" in note and "use tensor_parallel_size 2" in note
+    assert main(["plan", str(mix_a), "--tp", "4", "--ep"]) == 0
+    assert "note: experts" not in capsys.readouterr().out  # whole experts per rank: Marlin, no fallback
 
 
 def test_tiny_model_is_accepted_at_tp2(tiny_ro: Any, capsys: pytest.CaptureFixture[str]) -> None:

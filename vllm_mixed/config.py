@@ -147,7 +147,10 @@ class MixedPrecisionConfig(QuantizationConfig):
         )
         for c in checks:
             if c.status == tp_constraints.FALLBACK:
-                logger.info("vllm-mixed: at %s, %s (%s) runs on %s: %s", parallel, c.group, c.layer, c.kernel, c.reason)
+                faster = f"; to keep the preferred kernel: {' or '.join(c.fixes)}" if c.fixes else ""
+                logger.info(
+                    "vllm-mixed: at %s, %s (%s) runs on %s: %s%s", parallel, c.group, c.layer, c.kernel, c.reason, faster
+                )
         tp_constraints.raise_on_failures(checks, parallel)
 
     def _log(self, prefix: str, source: str, fmt: str, method: Any) -> None:
