@@ -230,3 +230,27 @@ def test_reads_exactly_the_planned_bytes(tmp_path: Path, monkeypatch: pytest.Mon
     assert max(n for _, n in reads) <= loader.CHUNK_BYTES
     assert len(reads) < len(planned)  # neighbours were read together
     assert advice and set(advice) == {os.POSIX_FADV_RANDOM}  # the data reads and the header re-check
+
+
+def test_file_ending_during_a_read(
+    tmp_path: Path, read_tensors: list[weakref.ref[torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard that ends while it is being read (the size check before the
+    read passed): the read comes back short, and the error names the tensor
+    whose bytes are missing."""
+    plan, _, b = make_plan(tmp_path)
+    order = in_file_order(b)
+    cut = order[5].start + 1000  # inside b's sixth tensor
+    preadv = os.preadv
+
+    def short(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if os.path.realpath(f"/proc/self/fd/{fd}") != str(b.resolve()):
+            return preadv(fd, buffers, offset)
+        return 0 if offset >= cut else preadv(fd, [buffers[0][: cut - offset]], offset)
+
+    monkeypatch.setattr(os, "preadv", short)
+    with pytest.raises(MixedError) as failed:
+        consume(loader.stream_plan(plan, torch.bfloat16, progress=False))
+    assert str(failed.value).startswith(f"{b}: truncated: tensor {order[5].name!r} ends at byte {order[5].end}")
+    assert f"but the file ends at byte {cut}" in str(failed.value)
+    assert_released(read_tensors)

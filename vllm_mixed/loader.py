@@ -5,8 +5,9 @@ Before reading data it re-plans on the files now on disk and checks them
 against what ``compose`` recorded (``Composition.replan``): a shard damaged or
 replaced since then stops the engine start with the file (and tensor) named.
 Each shard is opened once and read front to back by its own thread (a few at
-a time), in large reads that cover exactly the planned bytes; tensors reach ``model.load_weights`` under their checkpoint names,
-already in the dtype their parameter holds. Afterwards every model parameter
+a time), in large reads that cover exactly the planned bytes; tensors reach
+``model.load_weights`` under their checkpoint names, already in the dtype
+their parameter holds. Afterwards every model parameter
 must have been loaded: vLLM does not check this for quantized models, so a
 missing tensor would otherwise serve garbage.
 """
@@ -18,8 +19,8 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,7 +111,9 @@ def _check_header(path: str, items: list[tuple[str, TensorInfo]], size: int) -> 
 
 def _read_run(fd: int, path: str, run: list[TensorInfo]) -> list[torch.Tensor]:
     """One ``preadv`` (the GIL released) of a run's bytes into a fresh
-    buffer; the tensors are views of it, in the file's dtype and shape."""
+    buffer; the tensors are views of it, in the file's dtype and shape (the
+    buffer is freed with the last of them). Unlike a memory-mapped read, a
+    file cut short meanwhile is an error naming the tensor, not a SIGBUS."""
     start = run[0].start
     buf = torch.empty(run[-1].end - start, dtype=torch.uint8)
     view = memoryview(buf.numpy())
