@@ -39,21 +39,16 @@ def pack_int4(values: torch.Tensor, dim: int) -> torch.Tensor:
     return words.to(torch.int32).movedim(-1, dim).contiguous()
 
 
-def unpack_int4(words: torch.Tensor, dim: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: int32 words -> int64 values 0..15."""
-    w = words.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
-    v = (w.unsqueeze(-1) >> shifts) & MAXQ
-    return v.reshape(*w.shape[:-1], -1).movedim(-1, dim)
-
-
-def _unpack_int32(words: torch.Tensor, dim: int) -> torch.Tensor:
-    """:func:`unpack_int4` along a non-negative ``dim``, in int32 (the
-    arithmetic shift's sign bits are masked off): a quarter of the traffic."""
+def unpack_int4(words: torch.Tensor, dim: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int32 words -> values 0..15 in ``dtype``.
+    Unpacked in int32 (the arithmetic shift's sign bits are masked off), a
+    quarter of the traffic of int64; ``dtype=torch.int32`` skips the cast."""
+    d = dim % words.dim()
     shape = [1] * (words.dim() + 1)
-    shape[dim + 1] = PER_WORD
+    shape[d + 1] = PER_WORD
     shifts = torch.arange(0, 32, BITS, dtype=torch.int32).view(shape)
-    return ((words.unsqueeze(dim + 1) >> shifts) & MAXQ).flatten(dim, dim + 1)
+    v = ((words.to(torch.int32).unsqueeze(d + 1) >> shifts) & MAXQ).flatten(d, d + 1)
+    return v.to(dtype)
 
 
 def dequantize_stacked(
@@ -71,8 +66,8 @@ def dequantize_stacked(
     for lo in range(0, e, chunk):
         hi = min(lo + chunk, e)
         # transpose the packed words (1/8 of the values) so every later step writes [N, K] contiguously
-        q = _unpack_int32(qweight[lo:hi].transpose(1, 2), dim=2).view(hi - lo, n, k // g, g)
-        zeros = (_unpack_int32(qzeros[lo:hi], dim=2) + 1).transpose(1, 2).unsqueeze(3)
+        q = unpack_int4(qweight[lo:hi].transpose(1, 2), 2, torch.int32).view(hi - lo, n, k // g, g)
+        zeros = (unpack_int4(qzeros[lo:hi], 2, torch.int32) + 1).transpose(1, 2).unsqueeze(3)
         w = (q - zeros).to(dtype) * scales[lo:hi].transpose(1, 2).to(dtype).unsqueeze(3)
         out[lo:hi] = w.view(hi - lo, n, k)
     return out
