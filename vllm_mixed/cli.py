@@ -101,8 +101,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(table(["group", "layer", "format", "shard per rank", "vLLM kernel", "verdict"], rows))
         for c in checks:
             if c.status == "fallback":
-                faster = f"; to keep the preferred kernel: {' or '.join(c.fixes)}" if c.fixes else ""
-                print(f"note: {c.group} ({c.layer}) falls back to {c.kernel}: {c.reason}{faster}")
+                print(f"note: {c.fallback_note}")
         raise_on_failures(checks, parallel)
     return 0
 

@@ -147,10 +147,7 @@ class MixedPrecisionConfig(QuantizationConfig):
         )
         for c in checks:
             if c.status == tp_constraints.FALLBACK:
-                faster = f"; to keep the preferred kernel: {' or '.join(c.fixes)}" if c.fixes else ""
-                logger.info(
-                    "vllm-mixed: at %s, %s (%s) runs on %s: %s%s", parallel, c.group, c.layer, c.kernel, c.reason, faster
-                )
+                logger.info("vllm-mixed: at %s, %s", parallel, c.fallback_note)
         tp_constraints.raise_on_failures(checks, parallel)
 
     def _log(self, prefix: str, source: str, fmt: str, method: Any) -> None:

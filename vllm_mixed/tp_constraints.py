@@ -84,6 +84,12 @@ class ShardCheck:
     def verdict(self) -> str:
         return {OK: "ok", FALLBACK: f"fallback to {self.kernel}"}.get(self.status, f"FAILS: {self.reason}")
 
+    @property
+    def fallback_note(self) -> str:
+        """For a fallback row: the kernel, why, and how to keep the preferred one."""
+        faster = f"; to keep the preferred kernel: {' or '.join(self.fixes)}" if self.fixes else ""
+        return f"{self.group} ({self.layer}) falls back to {self.kernel}: {self.reason}{faster}"
+
 
 @dataclass(frozen=True)
 class _Shape:
@@ -410,8 +416,9 @@ def _preferred(
     parallelism, a smaller TP size)."""
     ok = lambda p: _evaluate(r, s, p, dtype, capability).status == OK and starts(p)  # noqa: E731
     out = []
-    if r.layer.kind == "experts" and not par.use_ep and ok(Parallel(par.tp, True, par.dp)):
-        kernel = _evaluate(r, s, Parallel(par.tp, True, par.dp), dtype, capability).kernel
+    ep = Parallel(par.tp, True, par.dp)
+    if r.layer.kind == "experts" and not par.use_ep and ok(ep):
+        kernel = _evaluate(r, s, ep, dtype, capability).kernel
         out.append(f"enable expert parallelism (vLLM --enable-expert-parallel, `plan --ep`): whole experts per rank, {kernel}")
     smaller = next((t for t in range(par.tp - 1, 0, -1) if ok(Parallel(t, par.ep, par.dp))), None)
     if smaller is not None:
