@@ -22,6 +22,22 @@ of ``BaseModelLoader.load_model`` (allocation, weight loading and
 from __future__ import annotations
 
 import os
+import re
+
+
+_PROBE = re.compile(
+    r"BENCH_LOAD_PROBE loader=(\w+) seconds=([\d.]+) before_gib=([\d.]+) peak_gib=([\d.]+) resident_gib=([\d.]+)"
+)
+
+
+def parse_load_probe(log: str) -> dict | None:
+    """The probe's line in a row's log: loader class, seconds, and GPU GiB
+    before, at peak and resident after ``load_model``; None if absent."""
+    m = _PROBE.search(log)
+    if m is None:
+        return None
+    numbers = dict(zip(("seconds", "before_gib", "peak_gib", "resident_gib"), map(float, m.groups()[1:]), strict=True))
+    return {"loader": m.group(1), **numbers}
 
 
 def register() -> None:

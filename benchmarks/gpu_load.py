@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_hooks import parse_load_probe  # noqa: E402
 from isolated import run_isolated  # noqa: E402
 
 CONFIG = json.loads((ROOT / "benchmarks" / "qwen3-30b-a3b-config.json").read_text())
@@ -191,13 +192,10 @@ def run_row(name: str, model: Path, load_format: str, files: list[Path], cold: b
     row["stock_weights_s"] = float(m.group(1)) if m else None
     m = re.search(r"vllm-mixed: loaded \d+ tensors, ([\d.]+) MiB from \d+ files in ([\d.]+) s", text)
     row["mixed_stream_s"] = float(m.group(2)) if m else None
-    m = re.search(
-        r"BENCH_LOAD_PROBE loader=(\w+) seconds=([\d.]+) before_gib=([\d.]+) peak_gib=([\d.]+) resident_gib=([\d.]+)",
-        text,
-    )
-    if m:
-        row["loader"], row["load_model_s"] = m.group(1), float(m.group(2))
-        row["peak_gib"], row["resident_gib"] = float(m.group(4)), float(m.group(5))
+    probe = parse_load_probe(text)
+    if probe:
+        row["loader"], row["load_model_s"] = probe["loader"], probe["seconds"]
+        row["peak_gib"], row["resident_gib"] = probe["peak_gib"], probe["resident_gib"]
     row["page_cache_before_gib"] = round(before / 2**30, 3)
     row["read_gib"] = round((after - before) / 2**30, 3) if cold else None  # checkpoint pages now cached
     row["disk_read_gib"] = round(disk / 2**30, 3)  # everything read from disk meanwhile (upper bound)

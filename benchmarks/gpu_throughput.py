@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_hooks import parse_load_probe  # noqa: E402
 from isolated import run_isolated  # noqa: E402
 
 CONFIG = json.loads((ROOT / "benchmarks" / "qwen3-30b-a3b-config.json").read_text())
@@ -221,9 +222,9 @@ def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict
         row["ms_per_token"] = round(1000 * r["avg_latency"] / 256, 3) if r.get("avg_latency") else None
     m = re.search(r"Model loading took ([\d.]+) GiB", text)
     row["weights_gib"] = float(m.group(1)) if m else None
-    m = re.search(r"BENCH_LOAD_PROBE loader=\w+ seconds=[\d.]+ before_gib=[\d.]+ peak_gib=([\d.]+) resident_gib=([\d.]+)", text)
-    if m:  # GPU memory during the load (dummy weights, then process_weights_after_loading) against after it
-        row["load_peak_gib"], row["load_resident_gib"] = float(m.group(1)), float(m.group(2))
+    probe = parse_load_probe(text)
+    if probe:  # GPU memory during the load (dummy weights, then process_weights_after_loading) against after it
+        row["load_peak_gib"], row["load_resident_gib"] = probe["peak_gib"], probe["resident_gib"]
     row["methods"] = sorted(set(re.findall(r"vllm-mixed: (.+? via \w+)", text)))
     row["kernels"] = sorted(set(re.findall(r"Using '?(\w+)'? (?:WNA16 MoE backend|Fp8 MoE backend|backend)", text)))
     row["kernels"] += sorted(set(re.findall(r"Selected (\w+) for (\w+)", text)))
