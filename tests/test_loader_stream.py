@@ -37,6 +37,14 @@ def in_file_order(path: Path) -> list[TensorInfo]:
     return sorted(read_header(path).values(), key=lambda t: t.start)
 
 
+def plan_of(infos: list[TensorInfo], fmt: str = "gptq_int4") -> LoadPlan:
+    """One planned layer of these tensors; ``gptq_int4`` keeps raw tensors
+    as they are (``_runtime`` casts none of these names), ``unquantized``
+    casts weights to the model dtype."""
+    layers = [PlannedLayer(layer=None, source="s", format=fmt, precision="-", tensors=tuple(infos))]  # type: ignore[arg-type]
+    return LoadPlan(recipe=None, sources={}, layers=layers)  # type: ignore[arg-type]
+
+
 def make_plan(tmp_path: Path, ghost: bool = False) -> tuple[LoadPlan, Path, Path]:
     """Two shards of PER_SHARD tensors, planned as unquantized weights."""
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
@@ -46,8 +54,7 @@ def make_plan(tmp_path: Path, ghost: bool = False) -> tuple[LoadPlan, Path, Path
     if ghost:  # planned, within the file's bytes, but not in its header
         late = in_file_order(b)[-2]
         infos.append(TensorInfo("b.ghost.weight", late.file, late.dtype, late.shape, late.start, late.end))
-    layers = [PlannedLayer(layer=None, source="s", format="unquantized", precision="bf16", tensors=tuple(infos))]  # type: ignore[arg-type]
-    return LoadPlan(recipe=None, sources={}, layers=layers), a, b  # type: ignore[arg-type]
+    return plan_of(infos, "unquantized"), a, b
 
 
 @pytest.fixture
@@ -144,12 +151,6 @@ def test_consumer_stopping_early(tmp_path: Path, read_tensors: list[weakref.ref[
             finally:
                 stream.close()
     assert_released(read_tensors)
-
-
-def plan_of(infos: list[TensorInfo]) -> LoadPlan:
-    """A plan of raw tensors (a format ``_runtime`` leaves alone)."""
-    layers = [PlannedLayer(layer=None, source="s", format="gptq_int4", precision="int4", tensors=tuple(infos))]  # type: ignore[arg-type]
-    return LoadPlan(recipe=None, sources={}, layers=layers)  # type: ignore[arg-type]
 
 
 def test_every_dtype_reads_as_safe_open_does(tmp_path: Path) -> None:

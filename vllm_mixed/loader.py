@@ -66,12 +66,12 @@ def _runtime(t: torch.Tensor, fmt: str, suffix: str, model_dtype: torch.dtype) -
     return t if t.dtype == target else t.to(target)
 
 
-def _chunks(items: list[TensorInfo]) -> list[list[TensorInfo]]:
+def _chunks(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
     """Planned tensors (in file order) grouped into runs that one read
     covers: back to back in the file, at most ``CHUNK_BYTES`` (a larger
     tensor is a run of its own)."""
     runs: list[list[TensorInfo]] = []
-    for info in items:
+    for info in infos:
         run = runs[-1] if runs else None
         if run and 0 <= info.start - run[-1].end <= GAP_BYTES and info.end - run[0].start <= CHUNK_BYTES:
             run.append(info)
@@ -80,17 +80,17 @@ def _chunks(items: list[TensorInfo]) -> list[list[TensorInfo]]:
     return runs
 
 
-def _check_header(path: str, items: list[tuple[str, TensorInfo]], size: int) -> None:
+def _check_header(path: str, infos: list[TensorInfo], size: int) -> None:
     """The shard still holds each planned tensor as planned (it may have
     changed since ``Composition.replan``): the same dtype, shape and bytes."""
-    short = next((info for _, info in items if info.end > size), None)
+    short = next((info for info in infos if info.end > size), None)
     if short is not None:
         raise MixedError(
             f"{path}: truncated: tensor {short.name!r} ends at byte {short.end} but the file now holds only "
             f"{size}; the shard changed during the load, restore it"
         )
     now = read_header(Path(path))
-    for _, info in items:
+    for info in infos:
         cur = now.get(info.name)
         if cur is None:
             raise MixedError(
@@ -161,7 +161,7 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
     stop = threading.Event()
     done = object()
 
-    def read_file(path: str, items: list[tuple[str, TensorInfo]]) -> None:
+    def read_file(path: str, infos: list[TensorInfo]) -> None:
         current = None
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -172,8 +172,8 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
             # planned ranges are read explicitly; readahead would pull in the tensors between them
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            _check_header(path, items, os.fstat(fd).st_size)
-            for run in _chunks([info for _, info in items]):
+            _check_header(path, infos, os.fstat(fd).st_size)
+            for run in _chunks(infos):
                 if stop.is_set():
                     return
                 current = run[0].name
@@ -193,7 +193,7 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
 
     def run_all() -> None:
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="vllm-mixed-read") as pool:
-            for fut in [pool.submit(read_file, path, items) for path, items in by_file.items()]:
+            for fut in [pool.submit(read_file, path, [t for _, t in items]) for path, items in by_file.items()]:
                 fut.result()
         q.put(done)
 
