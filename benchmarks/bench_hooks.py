@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 
-
 _PROBE = re.compile(
     r"BENCH_LOAD_PROBE loader=(\w+) seconds=([\d.]+) before_gib=([\d.]+) peak_gib=([\d.]+) resident_gib=([\d.]+)"
 )

@@ -36,9 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_hooks import parse_load_probe  # noqa: E402
-from isolated import run_isolated  # noqa: E402
 
-CONFIG = json.loads((ROOT / "benchmarks" / "qwen3-30b-a3b-config.json").read_text())
+from vllm_mixed.processes import run_isolated  # noqa: E402
+from vllm_mixed.testing.published import published_config  # noqa: E402
+
+CONFIG = published_config("qwen3-30b-a3b")
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # where the quantizers run
 
 
@@ -50,10 +52,11 @@ def write_checkpoints(root: Path, layers: int) -> dict[str, Path]:
     encoding and config.json), at ``CONFIG``'s width, one shard per decoder
     layer so that no more than one layer is in memory."""
     import torch
-    from safetensors.torch import save_file
 
-    from vllm_mixed.architectures import layers_for
-    from vllm_mixed.tiny import LAYOUTS, checkpoint_config, encode_member, init_weight
+    from vllm_mixed.checkpoint_writer import ShardWriter
+    from vllm_mixed.formats import TINY_FORMATS
+    from vllm_mixed.models import layers_for
+    from vllm_mixed.tiny import checkpoint_config, encode_member, init_weight
 
     cfg = dict(CONFIG, num_hidden_layers=layers)
     groups: dict[str, list] = {}
@@ -61,32 +64,25 @@ def write_checkpoints(root: Path, layers: int) -> dict[str, Path]:
         m = re.match(r"model\.layers\.(\d+)\.", layer.name)
         groups.setdefault(f"layer{int(m.group(1)):03d}" if m else "outer", []).append(layer)
     dirs = {}
-    for name, (fmt, qc, float_dtype) in LAYOUTS.items():
-        out = root / name
-        dirs[name] = out
+    for fmt in TINY_FORMATS:
+        out = root / fmt.tiny.directory
+        dirs[fmt.tiny.directory] = out
         if (out / "model.safetensors.index.json").exists() and json.loads((out / "config.json").read_text()).get(
             "num_hidden_layers"
         ) == layers:
             continue  # written by an earlier run in this work directory
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(checkpoint_config(cfg, name), indent=2))
+        (out / "config.json").write_text(json.dumps(checkpoint_config(cfg, fmt), indent=2))
         gen = torch.Generator(device=DEVICE).manual_seed(0)
-        weight_map, total = {}, 0
-        keys = sorted(groups)
-        for i, key in enumerate(keys):
-            tensors = {}
+        writer = ShardWriter(out, shard_bytes=2**62)  # one shard per group: flushed below
+        for key in sorted(groups):
             with torch.device(DEVICE):  # the quantizers' own tensors land there too
                 for layer in groups[key]:
                     for m in layer.members:
-                        enc = encode_member(layer, init_weight(layer.kind, m.shape, gen), fmt, qc, float_dtype)
-                        tensors.update({f"{m.name}.{k}": v.cpu() for k, v in enc.items()})
-            fname = f"model-{i + 1:05d}-of-{len(keys):05d}.safetensors"
-            save_file(tensors, str(out / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, fname))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
+                        for k, v in encode_member(layer, init_weight(layer.kind, m.shape, gen), fmt).items():
+                            writer.add(f"{m.name}.{k}", v.cpu())
+            writer.flush()
+        writer.finish()
     return dirs
 
 
@@ -176,6 +172,7 @@ def run_row(name: str, model: Path, load_format: str, files: list[Path], cold: b
     env = {**os.environ, "VLLM_MIXED_BENCH_LOAD_PROBE": "1", "VLLM_USE_DEEP_GEMM": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     t0 = time.perf_counter()
     rc = run_isolated([sys.executable, __file__, "--child", str(model), load_format, str(res)], log, 240, env)
+    rc = "timeout" if rc is None else rc
     after = sum(resident_bytes(f) for f in files)
     disk = pgpgin_bytes() - disk0
     text = log.read_text(errors="replace")

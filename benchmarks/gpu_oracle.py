@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from isolated import run_isolated  # noqa: E402
+from vllm_mixed.processes import run_isolated  # noqa: E402
 
 _rng = random.Random(7)
 PROMPTS = [[_rng.randrange(3, 1000) for _ in range(n)] for n in (6, 12, 20, 9)]
@@ -64,6 +64,7 @@ def run(name: str, model: Path, load_format: str, out_dir: Path, tp: int = 1) ->
     log = out_dir / f"{name}.log"
     t0 = time.perf_counter()
     rc = run_isolated([sys.executable, __file__, "--child", str(model), load_format, str(out), str(tp)], log, 400)
+    rc = "timeout" if rc is None else rc
     text = log.read_text()
     if rc != 0 or not out.exists():
         print(f"[{name}] FAILED rc={rc}\n" + text[-4000:], flush=True)
@@ -100,7 +101,7 @@ def tiny_plans(work: Path, recipes: dict[str, tuple[str, list]]) -> dict:
 def vs_reference(plan, teacher: list) -> tuple[float, float]:
     """(top-1 agreement, worst |logprob gap|) of a row's teacher-forced
     logprobs against the float32 transformers reference on ``plan``'s weights."""
-    from tests.e2e.reference import compare, hf_model, teacher_forced_logprobs
+    from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
 
     model = hf_model(plan)
     stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, teacher)]

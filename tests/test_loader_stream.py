@@ -164,7 +164,9 @@ def test_every_dtype_reads_as_safe_open_does(tmp_path: Path) -> None:
     dtypes = [torch.bool, torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2, torch.int16, torch.uint16,
               torch.float16, torch.bfloat16, torch.int32, torch.uint32, torch.float32, torch.int64, torch.uint64,
               torch.float64]  # fmt: skip
-    assert {str(d).removeprefix("torch.") for d in dtypes} == {str(d).removeprefix("torch.") for d in loader.TORCH_DTYPES.values()}
+    assert {str(d).removeprefix("torch.") for d in dtypes} == {
+        str(d).removeprefix("torch.") for d in loader.TORCH_DTYPES.values()
+    }
     tensors = {f"t.{i}": random_tensor(dt, (3, 5)) for i, dt in enumerate(dtypes)}
     tensors.update({"scalar": torch.randn(()), "empty": torch.randn(0, 7), "odd": random_tensor(torch.int8, (7,))})
     path = tmp_path / "all.safetensors"
@@ -190,7 +192,11 @@ def test_unaligned_offsets(tmp_path: Path) -> None:
     names = {"a.u8": "U8", "b.f32": "F32", "c.i64": "I64"}
     header, data = {}, b""
     for name, arr in parts.items():
-        header[name] = {"dtype": names[name], "shape": list(arr.shape), "data_offsets": [len(data), len(data) + arr.nbytes]}
+        header[name] = {
+            "dtype": names[name],
+            "shape": list(arr.shape),
+            "data_offsets": [len(data), len(data) + arr.nbytes],
+        }
         data += arr.tobytes()
     raw = json.dumps(header).encode()
     path = tmp_path / "unaligned.safetensors"

@@ -277,25 +277,44 @@ def test_default_only_recipes(tiny_ro: Any, header_len: Any) -> None:
         assert plan.total_bytes == data_bytes(tiny_ro.src(directory), header_len)
 
 
-def test_plan_predicts_vllm_methods(tiny_ro: Any) -> None:
+def test_plan_predicts_vllm_methods(tiny_ro: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """`plan --json` names the vLLM method each group will run (the GPU run's
-    load log printed the same classes: benchmarks/RESULTS.md)."""
+    load log printed the same classes: benchmarks/RESULTS.md); the CPU column
+    is this machine's: vLLM's own method where its CPU build has a kernel,
+    else the dequantizing fallback (all of them with VLLM_MIXED_CPU_FALLBACK=1)."""
     import contextlib
     import io
 
     from vllm_mixed.cli import main
+    from vllm_mixed.cpu_kernels import FALLBACK_ENV, cpu_fallback_reason
+    from vllm_mixed.formats.fp8_block import FP8_QUANT_CONFIG
+    from vllm_mixed.formats.gptq_int4 import GPTQ_QUANT_CONFIG
 
     rules = [
         {"targets": ["model.layers.*.mlp.experts"], "source": "int4"},
         {"targets": ["model.layers.*.self_attn.o_proj"], "source": "fp8"},
     ]
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(["plan", str(tiny_ro.recipe(rules=rules)), "--json"]) == 0
-    out = json.loads(buf.getvalue())
-    methods = {(g["group"], g["format"]): (g["vllm_method_gpu"], g["vllm_method_cpu"]) for g in out["groups"]}
-    assert methods[("experts", "gptq_int4")] == ("AutoGPTQMoEMethod", "CpuDequantGptqMoEMethod")
-    assert methods[("attention", "fp8_block")] == ("Fp8LinearMethod", "CpuDequantFp8BlockLinearMethod")
+
+    def predicted() -> dict[tuple[str, str], tuple[str, str]]:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["plan", str(tiny_ro.recipe(rules=rules)), "--json"]) == 0
+        out = json.loads(buf.getvalue())
+        return {(g["group"], g["format"]): (g["vllm_method_gpu"], g["vllm_method_cpu"]) for g in out["groups"]}
+
+    methods = predicted()
+    moe_native = cpu_fallback_reason("gptq_int4", "experts", GPTQ_QUANT_CONFIG) is None
+    fp8_native = cpu_fallback_reason("fp8_block", "linear", FP8_QUANT_CONFIG) is None
+    assert methods[("experts", "gptq_int4")] == (
+        "AutoGPTQMoEMethod", "AutoGPTQMoEMethod" if moe_native else "DequantFallbackMoEMethod"
+    )  # fmt: skip
+    assert methods[("attention", "fp8_block")] == (
+        "Fp8LinearMethod", "Fp8LinearMethod" if fp8_native else "DequantFallbackLinearMethod"
+    )  # fmt: skip
     assert methods[("attention", "unquantized")] == ("UnquantizedLinearMethod", "UnquantizedLinearMethod")
     assert methods[("router", "unquantized")][0] == "UnquantizedLinearMethod"
     assert methods[("embed_tokens", "unquantized")] == ("-", "-")
+    monkeypatch.setenv(FALLBACK_ENV, "1")
+    forced = predicted()
+    assert forced[("experts", "gptq_int4")][1] == "DequantFallbackMoEMethod"
+    assert forced[("attention", "fp8_block")][1] == "DequantFallbackLinearMethod"

@@ -255,9 +255,8 @@ def test_formats_and_routes_must_be_known(
     if where == "format":
         qc["sources"]["int4"]["format"] = value
     else:
-        layer = "model.layers.0.mlp.experts"
-        src, fmt = qc["layers"][layer]
-        qc["layers"][layer] = [src, value] if where == "layer-format" else [value, fmt]
+        layer = qc["layers"]["model.layers.0.mlp.experts"]
+        layer["format" if where == "layer-format" else "source"] = value
     with pytest.raises(MixedError) as failed:
         Composition.from_dict(qc)
     assert "quantization_config 'mixed' is malformed" in str(failed.value)

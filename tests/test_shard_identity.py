@@ -1,5 +1,5 @@
 """``compose`` records the identity (size, sha256 of the header bytes) of every
-shard the plan reads; ``Composition.replan`` (what the loader runs before
+shard the plan reads; ``Composition.verified_plan`` (what the loader runs before
 reading a byte of data) refuses a shard replaced since then, naming the file
 and, where re-planning finds it, the tensor. No vLLM here."""
 
@@ -78,7 +78,7 @@ def test_unchanged_shards_pass_whatever_their_mtime(tiny: Any, tmp_path: Path) -
         shard.write_bytes(shard.read_bytes())
         os.utime(shard, (1, 1))
     assert comp.changed_files() == []
-    plan = comp.replan()
+    plan = comp.verified_plan()
     assert {p.layer.name: (p.source, p.format) for p in plan.layers} == comp.layers
 
 
@@ -112,7 +112,7 @@ def test_replaced_shard_is_refused(tiny: Any, tmp_path: Path, how: str) -> None:
     shard, expected = replace(tiny, how)
     assert [p for p, _ in comp.changed_files()] == [shard]
     with pytest.raises(MixedError) as failed:
-        comp.replan()
+        comp.verified_plan()
     msg = str(failed.value)
     assert msg.startswith(f"{shard}: replaced or modified since `vllm-mixed compose`: "), msg
     for part in expected:
@@ -127,7 +127,7 @@ def test_swapped_offsets_pass_every_other_check(tiny: Any, tmp_path: Path) -> No
     swap_offsets(tiny.shard_of("int4", QWEIGHT.format(0)), QWEIGHT.format(0), QWEIGHT.format(1))
     build_plan(comp.recipe)
     with pytest.raises(MixedError, match="its safetensors header changed"):
-        comp.replan()
+        comp.verified_plan()
 
 
 def test_only_shards_the_plan_reads_are_checked(tiny: Any, tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ def test_compositions_without_identities_skip_the_check(tiny: Any, tmp_path: Pat
     assert '"files"' not in json.dumps(comp.to_dict())
     swap_offsets(tiny.shard_of("int4", QWEIGHT.format(0)), QWEIGHT.format(0), QWEIGHT.format(1))
     assert comp.changed_files() == []
-    comp.replan()
+    comp.verified_plan()
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vllm_mixed.errors import MixedError
+from vllm_mixed.formats import detect_format
+from vllm_mixed.formats.fp8_block import FP8_QUANT_CONFIG
+from vllm_mixed.formats.gptq_int4 import GPTQ_QUANT_CONFIG
 from vllm_mixed.plan import build_plan, pure_plan
 from vllm_mixed.recipe import recipe_from_dict
-from vllm_mixed.safetensors_header import read_header
-from vllm_mixed.sources import Source, detect_format
-from vllm_mixed.tiny import FP8_QUANT_CONFIG, GPTQ_QUANT_CONFIG
+from vllm_mixed.sources import Source
 
 # --- format detection ---------------------------------------------------------------------
 
@@ -287,11 +288,13 @@ def test_headers_read_once_per_shard(tiny_master: Path, monkeypatch: pytest.Monk
 
     calls: list[Path] = []
 
+    read = sources_mod.read_header_and_identity
+
     def counting(path: Path) -> Any:
         calls.append(path)
-        return read_header(path)
+        return read(path)
 
-    monkeypatch.setattr(sources_mod, "read_header", counting)
+    monkeypatch.setattr(sources_mod, "read_header_and_identity", counting)
     src = Source("s", tiny_master / "bf16")
     for name in src.weight_map:
         src.tensor(name)

@@ -13,16 +13,18 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.full_shape import write_sparse_checkpoint
-from vllm_mixed.architectures import Layer, Member
 from vllm_mixed.cli import main
 from vllm_mixed.errors import MixedError
-from vllm_mixed.plan import build_plan, open_sources
+from vllm_mixed.models import Layer, Member, geometry_for
+from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
+from vllm_mixed.testing.full_shape import write_sparse_checkpoint
+from vllm_mixed.testing.published import published_config
 from vllm_mixed.tp_constraints import FAILS, FALLBACK, OK, Parallel, Routed, check_layers, raise_on_failures
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-QWEN = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "qwen3-30b-a3b-config.json").read_text())
+QWEN = published_config("qwen3-30b-a3b")
+QWEN_SHAPE = geometry_for(QWEN, "Qwen3-30B-A3B")
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
 FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 EXPERTS = "model.layers.*.mlp.experts"
@@ -109,14 +111,14 @@ def test_int4_linear_kernels(full: Path, tmp_path: Path) -> None:
             c = checks_of(recipe, Parallel(tp))[("attention", name)]
             assert (c.kernel, c.status) == ("AutoGPTQLinearMethod: Machete", OK), (tp, name)
     # off Hopper Machete is not in the running; Marlin takes the shard
-    layer = Layer("model.layers.0.self_attn.o_proj", "linear", "attention", (Member("o", (2048, 4096)),))
-    (c,) = check_layers(QWEN, [Routed(layer, "int4", "gptq_int4", GPTQ)], Parallel(4), capability=80)
+    layer = Layer("model.layers.0.self_attn.o_proj", "linear", "attention", (Member("o", (2048, 4096)),), "row")
+    (c,) = check_layers(QWEN_SHAPE, [Routed(layer, "int4", "gptq_int4", GPTQ)], Parallel(4), capability=80)
     assert (c.kernel, c.status) == ("AutoGPTQLinearMethod: Marlin", OK)
     # a quant group straddling two ranks: Machete would take [192 -> 2048], but
     # the GPTQ method allocates 192 // 128 scale rows, so it is refused
     odd = dict(QWEN, num_attention_heads=24, num_key_value_heads=8, head_dim=64)  # o_proj in 1536 -> 192 per rank
-    odd_layer = Layer("model.layers.0.self_attn.o_proj", "linear", "attention", (Member("o", (2048, 1536)),))
-    (c,) = check_layers(odd, [Routed(odd_layer, "int4", "gptq_int4", GPTQ)], Parallel(8))
+    odd_layer = Layer("model.layers.0.self_attn.o_proj", "linear", "attention", (Member("o", (2048, 1536)),), "row")
+    (c,) = check_layers(geometry_for(odd, "odd"), [Routed(odd_layer, "int4", "gptq_int4", GPTQ)], Parallel(8))
     assert (c.status, c.shard) == (FAILS, "[192 -> 2048]")
     assert "192 is not a whole number of quant groups of 128" in c.reason
     assert "use tensor_parallel_size 4" in c.fixes[0]
@@ -148,10 +150,10 @@ def test_fp8_experts_at_tp4_are_refused_and_fixed_by_ep(full: Path, tmp_path: Pa
 
 
 def test_data_parallel_without_ep_shards_experts_over_all_ranks() -> None:
-    layer = Layer("model.layers.0.mlp.experts", "experts", "experts", ())
-    (c,) = check_layers(QWEN, [Routed(layer, "int4", "gptq_int4", GPTQ)], Parallel(2, dp=2))
+    layer = Layer("model.layers.0.mlp.experts", "experts", "experts", (), "experts")
+    (c,) = check_layers(QWEN_SHAPE, [Routed(layer, "int4", "gptq_int4", GPTQ)], Parallel(2, dp=2))
     assert c.status == FALLBACK and "[2048 -> 192]" in c.shard
-    (c,) = check_layers(QWEN, [Routed(layer, "int4", "gptq_int4", GPTQ)], Parallel(2, ep=True, dp=2))
+    (c,) = check_layers(QWEN_SHAPE, [Routed(layer, "int4", "gptq_int4", GPTQ)], Parallel(2, ep=True, dp=2))
     assert c.status == OK and c.shard.startswith("32 of 128 experts")
 
 
@@ -205,19 +207,16 @@ def test_engine_refuses_before_any_weight(full: Path, tmp_path: Path, monkeypatc
     from vllm_mixed.composition import Composition
 
     recipe = load_recipe(shipped(full, tmp_path, "b", experts="fp8"))
-    cfg = open_sources(recipe)[recipe.base].config
     mixed = config_mod.MixedPrecisionConfig(Composition.from_plan(build_plan(recipe, read_headers=False)))
-    mixed.check_shards(cfg, Parallel(2), "bfloat16", 90)  # accepted
+    mixed.check_shards(Parallel(2), "bfloat16", 90)  # accepted
     with pytest.raises(MixedError, match="at tensor_parallel_size 4, .*layer group 'experts'.*expert parallelism"):
-        mixed.check_shards(cfg, Parallel(4), "bfloat16", 90)
+        mixed.check_shards(Parallel(4), "bfloat16", 90)
     # get_quant_method runs it on its first call (embed_tokens, before any weight),
-    # reading the layout and the model's transformers config from vLLM's current config
+    # reading the layout from vLLM's current config (the model's shape from the composition)
     import vllm.config
-    from transformers import Qwen3MoeConfig
 
     engine = SimpleNamespace(
-        model_config=SimpleNamespace(hf_text_config=Qwen3MoeConfig(**QWEN), architectures=QWEN["architectures"],
-                                     dtype=torch.bfloat16),
+        model_config=SimpleNamespace(dtype=torch.bfloat16), load_config=SimpleNamespace(load_format="mixed"),
         parallel_config=SimpleNamespace(tensor_parallel_size=4, enable_expert_parallel=False, data_parallel_size=1),
     )  # fmt: skip
     monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda: engine)

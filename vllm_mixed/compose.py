@@ -34,8 +34,21 @@ def compose(plan: LoadPlan, out: str | Path) -> Path:
     config["torch_dtype"] = plan.recipe.dtype
     if "dtype" in config:
         config["dtype"] = plan.recipe.dtype
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "config.json").write_text(_dump_config(config))
     for name in BASE_FILES:
         if (base.path / name).is_file():
             shutil.copyfile(base.path / name, out / name)
     return out
+
+
+def _dump_config(config: dict) -> str:
+    """config.json indented as Hugging Face writes it, except that each
+    composed layer takes one line: a layer lists its fused members (384 for a
+    Qwen3-30B-A3B expert layer), which one number per line would make tens
+    of megabytes of whitespace."""
+    layers = config["quantization_config"]["layers"]
+    marker = "\u0000layers"
+    shell = {**config, "quantization_config": {**config["quantization_config"], "layers": marker}}
+    lines = [f"      {json.dumps(k)}: {json.dumps(v, separators=(', ', ': '))}" for k, v in layers.items()]
+    body = "{\n" + ",\n".join(lines) + "\n    }" if lines else "{}"
+    return json.dumps(shell, indent=2).replace(json.dumps(marker), body, 1) + "\n"

@@ -1,16 +1,19 @@
-"""What the ``mixed`` quantization config carries into vLLM: the resolved
-recipe, each source's path, format and own ``quantization_config``, and the
-route (source, format) of every vLLM layer.
+"""What the ``mixed`` quantization config carries into vLLM, and what the
+engine uses as written: the resolved recipe, each source's path, format and
+own ``quantization_config``, the model's geometry, and every vLLM layer with
+its route (source, format), kind, parallel style and fused members.
 
 It is plain data so that it survives vLLM pickling the config into every
 worker, and it needs no checkpoint weights: a composed ``config.json`` alone
 is enough (``--load-format dummy`` benchmarks run from config-only dirs).
 
 ``compose`` also records, per source, the identity of every shard the plan
-reads (file size and sha256 of the header bytes); the loader checks it so that
-a shard replaced after ``compose`` stops the load instead of serving another
-model's weights. A composition without these records (the ``{"recipe": path}``
-form) skips the check.
+reads (file size and sha256 of the header bytes). The loader does not plan
+again from the recipe: :meth:`Composition.verified_plan` reads each recorded
+shard's header once, which gives both the tensors to read and the identity to
+compare, so a shard replaced after ``compose`` stops the load instead of
+serving another model's weights. A composition without these records (the
+``{"recipe": path}`` form) skips the comparison.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vllm_mixed.errors import MixedError
+from vllm_mixed.formats import FORMAT_NAMES, get_format
+from vllm_mixed.models.base import Geometry, Layer
 from vllm_mixed.recipe import Recipe, load_recipe, recipe_from_dict
 from vllm_mixed.safetensors_header import ShardIdentity, shard_identity
-from vllm_mixed.sources import FORMAT_NAMES
 
 if TYPE_CHECKING:
     from vllm_mixed.plan import LoadPlan
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["QUANT_METHOD", "Composition", "SourceEntry"]
 
 QUANT_METHOD = "mixed"
+_REFIX = "re-run `vllm-mixed compose`"
 
 
 @dataclass(frozen=True)
@@ -47,21 +52,30 @@ class SourceEntry:
 class Composition:
     recipe: Recipe
     sources: dict[str, SourceEntry]
-    layers: dict[str, tuple[str, str]]  # vLLM layer name -> (source, format)
+    layers: dict[str, tuple[str, str]]  # vLLM layer name -> (source, format), model order
+    table: dict[str, Layer]  # vLLM layer name -> the layer (kind, parallel style, members)
+    geometry: Geometry
 
     @classmethod
-    def from_plan(cls, plan: Any) -> Composition:
+    def from_plan(cls, plan: LoadPlan) -> Composition:
         """The composition of a plan; a plan with headers read also records
-        the identity of every shard it reads."""
+        the identity of every shard it reads (from the same header reads)."""
         read: dict[str, set[Path]] = {n: set() for n in plan.sources}
         for p in plan.layers:
             read[p.source].update(Path(t.file) for t in p.tensors)
         recorded = any(read.values())
         sources = {
-            n: SourceEntry(str(s.path), s.format, s.quant_config, _identities(read[n]) if recorded else None)
+            n: SourceEntry(
+                str(s.path), s.format, s.quant_config,
+                {f.name: s.read_shard(f)[1] for f in sorted(read[n])} if recorded else None,
+            )
             for n, s in plan.sources.items()
-        }
-        return cls(plan.recipe, sources, {p.layer.name: (p.source, p.format) for p in plan.layers})
+        }  # fmt: skip
+        routes = {p.layer.name: (p.source, p.format) for p in plan.layers}
+        geometry = plan.geometry
+        if geometry is None:
+            raise ValueError("a plan without geometry cannot be composed")
+        return cls(plan.recipe, sources, routes, {p.layer.name: p.layer for p in plan.layers}, geometry)
 
     def to_dict(self) -> dict[str, Any]:
         sources: dict[str, Any] = {}
@@ -75,7 +89,11 @@ class Composition:
             "quant_method": QUANT_METHOD,
             "recipe": self.recipe.to_dict(),
             "sources": sources,
-            "layers": {name: list(route) for name, route in self.layers.items()},
+            "geometry": self.geometry.to_dict(),
+            "layers": {
+                name: {"source": src, "format": fmt, **self.table[name].to_dict()}
+                for name, (src, fmt) in self.layers.items()
+            },
         }
 
     @classmethod
@@ -100,75 +118,89 @@ class Composition:
             raise MixedError("quantization_config of quant_method 'mixed' has no 'recipe' (a recipe path or mapping)")
         if "layers" in data and "sources" in data:
             try:
-                sources = {
-                    n: SourceEntry(str(s["path"]), str(s["format"]), s.get("quantization_config"), _parse_files(s))
-                    for n, s in data["sources"].items()
-                }
-                layers = {str(k): (str(v[0]), str(v[1])) for k, v in data["layers"].items()}
-                _check_routes(sources, layers)
-            except (KeyError, TypeError, IndexError, ValueError) as exc:
-                raise MixedError(
-                    f"quantization_config 'mixed' is malformed ({exc!r}); re-run `vllm-mixed compose`"
-                ) from None
-            return cls(recipe, sources, layers)
+                return cls._parse(recipe, data)
+            except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
+                raise MixedError(f"quantization_config 'mixed' is malformed ({exc!r}); {_REFIX}") from None
         from vllm_mixed.plan import build_plan
 
         return cls.from_plan(build_plan(recipe, read_headers=False))
 
-    def replan(self) -> LoadPlan:
-        """The load plan on the files now on disk (what the loader reads),
-        checked against what ``compose`` recorded: the same shards (identity)
-        and the same route for every layer."""
-        from vllm_mixed.plan import build_plan
+    @classmethod
+    def _parse(cls, recipe: Recipe, data: dict[str, Any]) -> Composition:
+        """What ``to_dict`` wrote; formats and routes are looked up in fixed
+        tables, never used as names of code: anything else is refused."""
+        sources = {}
+        for n, s in data["sources"].items():
+            if s["format"] not in FORMAT_NAMES:
+                raise ValueError(f"source {n!r} has format {s['format']!r}, not one of {', '.join(FORMAT_NAMES)}")
+            qc = s.get("quantization_config")
+            if qc is not None and not isinstance(qc, dict):
+                raise TypeError(f"source {n!r}: quantization_config must be an object or null")
+            sources[n] = SourceEntry(str(s["path"]), str(s["format"]), qc, _parse_files(s))
+        routes, table = {}, {}
+        for name, entry in data["layers"].items():
+            src, fmt = entry["source"], entry["format"]
+            if src not in sources or fmt not in FORMAT_NAMES:
+                raise ValueError(
+                    f"layer {name!r} routes to source {src!r} as {fmt!r}, which is not a listed source/format"
+                )
+            routes[str(name)] = (str(src), str(fmt))
+            table[str(name)] = Layer.from_dict(str(name), entry)
+        return cls(recipe, sources, routes, table, Geometry.from_dict(data["geometry"]))
 
+    def verified_plan(self) -> LoadPlan:
+        """The load plan of exactly the composed layers, on the files now on
+        disk: each recorded shard's header is read once, giving its tensors
+        and its identity, which must equal what ``compose`` recorded."""
+        from vllm_mixed.plan import LoadPlan, plan_layer
+        from vllm_mixed.sources import Source
+
+        sources = {}
+        for name, entry in self.sources.items():
+            src = sources[name] = Source(name, entry.path)
+            if src.format != entry.format:
+                raise MixedError(
+                    f"source {name!r} ({src.path}): its config.json now declares {src.format}, but it was composed as "
+                    f"{entry.format}; restore the checkpoint, or {_REFIX} to plan against it"
+                )
+        changes = self._changes(lambda n, path: _read_identity(sources[n], path))
         try:
-            plan = build_plan(self.recipe)  # re-validates every header
+            layers = [plan_layer(sources[s], self.table[name], fmt) for name, (s, fmt) in self.layers.items()]
         except MixedError as exc:
-            self.check_files(found=exc)  # a shard replaced since compose: say so, with what re-planning found
+            if changes:
+                self._raise_changed(changes, found=exc)
             raise
-        self.check_files()  # same tensors, but moved, added or re-typed since compose
-        routed = {p.layer.name: (p.source, p.format) for p in plan.layers}
-        if routed != self.layers:
-            changed = sorted(k for k in set(routed) | set(self.layers) if routed.get(k) != self.layers.get(k))
-            raise MixedError(
-                f"the sources no longer match the composed plan (first changed layer: {changed[0]!r}); "
-                "re-run `vllm-mixed compose`"
-            )
-        return plan
+        self._raise_changed(changes)
+        return LoadPlan(self.recipe, sources, layers, [], self.geometry)
 
     def changed_files(self) -> list[tuple[Path, str]]:
         """Recorded shards that differ on disk now from what ``compose`` saw,
         as (path, what changed); empty when none changed or none was recorded."""
-        out = []
-        for src in self.sources.values():
-            for fname, then in sorted((src.files or {}).items()):
-                path = Path(src.path) / fname
-                now = shard_identity(path)
-                if now is None:
-                    out.append((path, "the file is missing"))
-                elif now.nbytes != then.nbytes:
-                    out.append((path, f"it was {then.nbytes} bytes at compose, now {now.nbytes}"))
-                elif now.header_sha256 != then.header_sha256:
-                    out.append((
-                        path,
-                        f"its safetensors header changed (sha256 {then.header_sha256[:12]}... at compose, now "
-                        f"{now.header_sha256[:12]}...), so a tensor was added, removed, renamed, re-typed, reshaped "
-                        "or moved",
-                    ))  # fmt: skip
-        return out
+        return self._changes(lambda _n, path: shard_identity(path))
 
     def check_files(self, found: MixedError | None = None) -> None:
         """Raise if a shard changed since ``compose``, naming the file and what
-        changed; ``found`` is what re-planning on the current files reported
-        (it names the tensor) and is kept in the message."""
-        changes = self.changed_files()
+        changed; ``found`` is what planning on the current files reported (it
+        names the tensor) and is kept in the message."""
+        self._raise_changed(self.changed_files(), found)
+
+    def _changes(self, identity_of: Any) -> list[tuple[Path, str]]:
+        out = []
+        for name, src in self.sources.items():
+            for fname, then in sorted((src.files or {}).items()):
+                path = Path(src.path) / fname
+                what = _difference(then, identity_of(name, path))
+                if what:
+                    out.append((path, what))
+        return out
+
+    @staticmethod
+    def _raise_changed(changes: list[tuple[Path, str]], found: MixedError | None = None) -> None:
         if not changes:
             return
         path, what = changes[0]
         more = f" (and {len(changes) - 1} more changed shards)" if len(changes) > 1 else ""
-        detail = ""
-        if found is not None:  # what re-planning found, usually about the same file (then named once)
-            detail = "; " + str(found).removeprefix(f"{path}: ")
+        detail = "; " + str(found).removeprefix(f"{path}: ") if found is not None else ""
         raise MixedError(
             f"{path}: replaced or modified since `vllm-mixed compose`: {what}{more}{detail}. Restore the shard "
             "compose read, or, if the new files are intended, re-run `vllm-mixed compose RECIPE -o DIR` to plan "
@@ -181,49 +213,42 @@ class Composition:
         if route is None:
             raise MixedError(
                 f"layer {prefix!r} is not in the composed plan ({len(self.layers)} layers); the model differs from "
-                "the recipe's base checkpoint, re-run `vllm-mixed compose`"
+                f"the recipe's base checkpoint, {_REFIX}"
             )
         return route
 
     def quantized_modules(self, source: str) -> list[str]:
-        """Module names (without the ``model.layers.N.`` prefix) routed to
-        ``source`` in its quantized format, e.g. ``self_attn.q_proj``."""
+        """The checkpoint modules of the linear layers routed to ``source`` in
+        its quantized format, without the ``model.layers.N.`` prefix (e.g.
+        ``self_attn.q_proj``): from the stored fused members."""
         out = set()
         for name, (src, fmt) in self.layers.items():
-            if src == source and fmt != "unquantized":
-                out.add(re.sub(r"^model\.layers\.\d+\.", "", name))
-        expanded = set()
-        for name in out:
-            if name.endswith("qkv_proj"):
-                expanded.update(name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj"))
-            else:
-                expanded.add(name)
-        return sorted(expanded)
+            layer = self.table[name]
+            if src == source and layer.kind == "linear" and get_format(fmt).quantized:
+                out.update(re.sub(r"^model\.layers\.\d+\.", "", m.name) for m in layer.members)
+        return sorted(out)
 
 
-def _identities(files: set[Path]) -> dict[str, ShardIdentity]:
-    out = {}
-    for f in sorted(files):
-        ident = shard_identity(f)
-        if ident is None:
-            raise MixedError(f"{f}: shard file is missing; restore it or re-download the checkpoint")
-        out[f.name] = ident
-    return out
+def _read_identity(src: Any, path: Path) -> ShardIdentity | None:
+    """The identity from the one header read that also gives the tensors; a
+    header too damaged to parse is still hashed (to say what changed)."""
+    try:
+        return src.read_shard(path)[1]
+    except MixedError:
+        return shard_identity(path)
 
 
-def _check_routes(sources: dict[str, SourceEntry], layers: dict[str, tuple[str, str]]) -> None:
-    """Formats and routes are looked up in fixed tables, never used as names
-    of code: anything else is refused here."""
-    for name, src in sources.items():
-        if src.format not in FORMAT_NAMES:
-            raise ValueError(f"source {name!r} has format {src.format!r}, not one of {', '.join(FORMAT_NAMES)}")
-        if src.quantization_config is not None and not isinstance(src.quantization_config, dict):
-            raise TypeError(f"source {name!r}: quantization_config must be an object or null")
-    for layer, (src_name, fmt) in layers.items():
-        if src_name not in sources or fmt not in FORMAT_NAMES:
-            raise ValueError(
-                f"layer {layer!r} routes to source {src_name!r} as {fmt!r}, which is not a listed source/format"
-            )
+def _difference(then: ShardIdentity, now: ShardIdentity | None) -> str:
+    if now is None:
+        return "the file is missing"
+    if now.nbytes != then.nbytes:
+        return f"it was {then.nbytes} bytes at compose, now {now.nbytes}"
+    if now.header_sha256 != then.header_sha256:
+        return (
+            f"its safetensors header changed (sha256 {then.header_sha256[:12]}... at compose, now "
+            f"{now.header_sha256[:12]}...), so a tensor was added, removed, renamed, re-typed, reshaped or moved"
+        )
+    return ""
 
 
 def _parse_files(entry: dict[str, Any]) -> dict[str, ShardIdentity] | None:

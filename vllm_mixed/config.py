@@ -1,9 +1,11 @@
 """``MixedPrecisionConfig``: vLLM's quantization config named ``mixed``. It
-routes each layer to the method of the precision its source holds.
+routes each layer to the method of the format its source holds.
 
 Built once in vLLM's front-end process (``from_config``) and pickled into
 every worker, so everything is parsed up front and dispatch is a pure
-function of (layer, prefix).
+function of (layer, prefix): the composition says the layer's source and
+format, the format object says which vLLM config (built once per source)
+hands out its method.
 """
 
 from __future__ import annotations
@@ -15,16 +17,24 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from vllm_mixed import methods as methods_table
 from vllm_mixed import tp_constraints
-from vllm_mixed.architectures import MODEL_KEYS, layers_for
 from vllm_mixed.composition import QUANT_METHOD, Composition
+from vllm_mixed.cpu_kernels import cpu_fallback_reason
 from vllm_mixed.errors import MixedError
-from vllm_mixed.vllm_compat import is_cpu, routed_experts_cls
+from vllm_mixed.formats import get_format
+from vllm_mixed.parallel import HOPPER, Parallel
+from vllm_mixed.vllm_compat import engine_layout, is_cpu, load_format_being_built, routed_experts_cls
 
 __all__ = ["MixedPrecisionConfig"]
 
 logger = init_logger("vllm.vllm_mixed")
+
+# load formats that read weights the plugin can serve: its own, and vLLM's random dummy weights
+SERVING_LOAD_FORMATS = (QUANT_METHOD, "dummy")
+LOAD_FORMAT_HINT = (
+    "quantization 'mixed' reads its weights from the recipe's sources with the plugin's loader: add "
+    '--load-format mixed (Python: LLM(..., load_format="mixed")); the composed directory holds no weights'
+)
 
 
 class MixedPrecisionConfig(QuantizationConfig):
@@ -33,16 +43,13 @@ class MixedPrecisionConfig(QuantizationConfig):
     def __init__(self, composition: Composition | None = None):
         super().__init__()
         self.composition = composition
-        # vLLM's own configs, one per quantized source, built once (GPU path)
+        # vLLM's own configs, one per quantized source, built once
         self.native: dict[str, Any] = {}
-        if composition is not None and not is_cpu():
-            from vllm_mixed.methods.vllm_native import build_native_config
-
+        if composition is not None:
             for name, src in composition.sources.items():
-                if src.format in methods_table.PRECISIONS and src.quantization_config:
-                    native = build_native_config(
-                        src.format, src.quantization_config, composition.quantized_modules(name)
-                    )
+                fmt = get_format(src.format)
+                if fmt.quantized and src.quantization_config:
+                    native = fmt.vllm_config(src.quantization_config, composition.quantized_modules(name))
                     # share (not copy) the mapping the model fills in at init
                     native.packed_modules_mapping = self.packed_modules_mapping
                     self.native[name] = native
@@ -71,7 +78,9 @@ class MixedPrecisionConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MixedPrecisionConfig:
-        return cls(Composition.from_dict(config))
+        composition = Composition.from_dict(config)
+        _require_mixed_loader(load_format_being_built())  # in the front end: before any engine process starts
+        return cls(composition)
 
     @classmethod
     def override_quantization_method(
@@ -94,94 +103,83 @@ class MixedPrecisionConfig(QuantizationConfig):
         return self.composition
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> Any:
-        if self.composition is not None and not self._shards_checked and not is_cpu():
-            self.check_shards(*_engine_layout())  # first call: before any weight exists
+        if self.composition is not None and not self._shards_checked:
+            self._first_layer()  # vLLM builds embed_tokens first: no weight has been allocated yet
         experts = isinstance(layer, routed_experts_cls())
         if not experts and not isinstance(layer, LinearBase):
             return None  # attention, embeddings, lm_head: unquantized in every source
-        source, fmt = self._require().route(prefix)
-        if fmt == "unquantized":
+        source, name = self._require().route(prefix)
+        fmt = get_format(name)
+        note = ""
+        if not fmt.quantized:
             method = None if experts else UnquantizedLinearMethod()
-        elif is_cpu():
-            from vllm_mixed.methods import cpu_dequant
-
-            row = methods_table.PRECISIONS[fmt]
-            qc = self.composition.sources[source].quantization_config or {}
-            method = (
-                getattr(cpu_dequant, row.cpu_moe)(layer.moe_config, qc)
-                if experts
-                else getattr(cpu_dequant, row.cpu_linear)(qc)
-            )
         else:
-            method = self.native[source].get_quant_method(layer, prefix)
-        self._log(prefix, source, fmt, method)
+            qc = self.composition.sources[source].quantization_config or {}
+            why = cpu_fallback_reason(name, "experts" if experts else "linear", qc) if is_cpu() else None
+            if why is None:
+                try:
+                    method = self.native[source].get_quant_method(layer, prefix)
+                except NotImplementedError as exc:  # vLLM found no kernel (e.g. its CPU WNA16 MoE oracle)
+                    if not is_cpu():
+                        raise
+                    why = str(exc)
+            if why is not None:
+                from vllm_mixed.methods.dequant_fallback import DequantFallbackLinearMethod, DequantFallbackMoEMethod
+
+                method = (
+                    DequantFallbackMoEMethod(layer.moe_config, fmt, qc)
+                    if experts
+                    else DequantFallbackLinearMethod(fmt, qc)
+                )
+                note = f" (dequantized to the model dtype: {why})"
+        self._log(prefix, source, name, method, note)
         return method
 
-    def check_shards(
-        self, cfg: dict[str, Any] | None, parallel: tp_constraints.Parallel, dtype: str, capability: int | None
-    ) -> None:
+    def _first_layer(self) -> None:
+        """Checks of the engine being built, once per process before any
+        weight exists: the load format, and on CUDA the parallel layout."""
+        layout = engine_layout()
+        if layout is None:
+            self._shards_checked.add(None)
+            return
+        _require_mixed_loader(layout.load_format)
+        if not is_cpu():
+            self.check_shards(layout.parallel, layout.dtype, layout.capability)
+        self._shards_checked.add(None)
+
+    def check_shards(self, parallel: Parallel, dtype: str, capability: int | None) -> None:
         """Refuse a parallel layout whose shards vLLM's kernels reject, with
-        the message `plan --tp N` gives (rules in ``tp_constraints``). Runs on
-        the first get_quant_method call of a process on CUDA: vLLM builds
-        ``embed_tokens`` first, so no weight has been allocated yet."""
+        the message `plan --tp N` gives (rules in ``tp_constraints``), on the
+        composed layer table and geometry."""
         key = (parallel, dtype, capability)
-        if cfg is None or key in self._shards_checked:
+        if key in self._shards_checked:
             return
         self._shards_checked.add(key)
         comp = self._require()
-        try:  # compose validated this config; a reading problem here must not block serving
-            layers = layers_for(cfg, "the served model's config")
-        except MixedError as exc:
-            logger.warning("vllm-mixed: tensor-parallel shards not checked: %s", exc)
-            return
         routed = [
-            tp_constraints.Routed(
-                layer, *comp.layers[layer.name], comp.sources[comp.layers[layer.name][0]].quantization_config
-            )
-            for layer in layers
-            if layer.name in comp.layers
+            tp_constraints.Routed(comp.table[name], src, fmt, comp.sources[src].quantization_config)
+            for name, (src, fmt) in comp.layers.items()
         ]
         others = {n: (s.format, s.quantization_config) for n, s in comp.sources.items()}
         checks = tp_constraints.check_layers(
-            cfg, routed, parallel, dtype=dtype, capability=capability or tp_constraints.HOPPER, sources=others
+            comp.geometry, routed, parallel, dtype=dtype, capability=capability or HOPPER, sources=others
         )
         for c in checks:
             if c.status == tp_constraints.FALLBACK:
                 logger.info("vllm-mixed: at %s, %s", parallel, c.fallback_note)
         tp_constraints.raise_on_failures(checks, parallel)
 
-    def _log(self, prefix: str, source: str, fmt: str, method: Any) -> None:
+    def _log(self, prefix: str, source: str, fmt: str, method: Any, note: str = "") -> None:
         group = prefix.split(".")[-1] if prefix.startswith("model.layers.") else prefix
         kind = type(method).__name__ if method is not None else "UnquantizedFusedMoEMethod"
         key = (group, source, kind)
         if key not in self._logged:
             self._logged.add(key)
-            logger.info("vllm-mixed: %s <- source %r (%s) via %s", group, source, fmt, kind)
+            logger.info("vllm-mixed: %s <- source %r (%s) via %s%s", group, source, fmt, kind, note)
 
 
-def _engine_layout() -> tuple[dict[str, Any] | None, tp_constraints.Parallel, str, int | None]:
-    """(model config.json, parallel layout, activation dtype, GPU capability)
-    of the engine building the model; no config outside model construction."""
-    from vllm.config import get_current_vllm_config_or_none
-    from vllm.platforms import current_platform
-
-    vc = get_current_vllm_config_or_none()
-    if vc is None or vc.model_config is None:
-        return None, tp_constraints.Parallel(), "bfloat16", None
-    pc = vc.parallel_config
-    parallel = tp_constraints.Parallel(
-        tp=pc.tensor_parallel_size,
-        ep=bool(pc.enable_expert_parallel),
-        # the MoE flattens data- and prefill-context-parallel ranks into its TP group
-        dp=pc.data_parallel_size * getattr(pc, "prefill_context_parallel_size", 1),
-    )
-    text = vc.model_config.hf_text_config
-    cfg = text.to_dict()
-    # to_dict keeps transformers' canonical names; read the config.json names through its aliases
-    for key in (*MODEL_KEYS, "decoder_sparse_step", "mlp_only_layers"):
-        if getattr(text, key, None) is not None:
-            cfg[key] = getattr(text, key)
-    cfg.setdefault("architectures", list(getattr(vc.model_config, "architectures", None) or []))
-    cap = current_platform.get_device_capability()
-    dtype = str(vc.model_config.dtype).removeprefix("torch.")
-    return cfg, parallel, dtype, cap.to_int() if cap is not None else None
+def _require_mixed_loader(load_format: str | None) -> None:
+    """A composed directory holds no weights: vLLM's default loader would
+    fail later with "Cannot find any model weights"; say what to add."""
+    if load_format is not None and str(load_format).lower() not in SERVING_LOAD_FORMATS:
+        raise MixedError(f"--load-format {load_format}: {LOAD_FORMAT_HINT}")

@@ -10,20 +10,18 @@ process (logging to a file, writing JSON) and scores the prompts
 teacher-forced; :mod:`vllm_mixed.eval_metrics` turns the two sets of prompt
 logprobs into KL(reference || recipe), top-1 agreement and perplexities.
 
-Importing this module imports neither vLLM nor torch (the CLI stays light).
+Importing this module imports neither vLLM nor torch (the CLI stays light);
+the command (:mod:`vllm_mixed.commands.evaluate`) parses and prints.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +34,8 @@ if TYPE_CHECKING:
     from vllm_mixed.recipe import Recipe
 
 __all__ = [
-    "EngineResult", "EngineSettings", "EvalReport", "Prompt", "add_eval_arguments", "cmd_eval", "evaluate",
-    "format_report", "load_prompts", "reference_recipe", "reference_source", "run_engine",
+    "EngineResult", "EngineSettings", "EvalReport", "Prompt", "evaluate", "load_prompts", "reference_recipe",
+    "reference_source", "run_engine",
 ]  # fmt: skip
 
 Prompt = str | list[int]  # text, or token ids given as such
@@ -188,6 +186,7 @@ def _jsonl_prompt(line: str, where: str, fix: str) -> Prompt:
 def reference_source(recipe: Recipe, against: str | None, where: str = "the recipe") -> str:
     """``against`` if given (it must be a source), else the first
     unquantized source in recipe order."""
+    from vllm_mixed.formats import get_format
     from vllm_mixed.sources import Source
 
     names = ", ".join(sorted(recipe.sources))
@@ -197,7 +196,7 @@ def reference_source(recipe: Recipe, against: str | None, where: str = "the reci
         return against
     formats = {name: Source(name, path).format for name, path in recipe.sources.items()}
     for name, fmt in formats.items():
-        if fmt == "unquantized":
+        if not get_format(fmt).quantized:
             return name
     shown = ", ".join(f"{n} ({f})" for n, f in sorted(formats.items()))
     raise MixedError(
@@ -218,6 +217,7 @@ def run_engine(
     result.json)."""
     from vllm_mixed.compose import compose
     from vllm_mixed.evaluate_worker import OK_MARK
+    from vllm_mixed.processes import run_isolated
 
     run_dir.mkdir(parents=True, exist_ok=True)
     model = compose(plan, run_dir / "model")
@@ -231,7 +231,10 @@ def run_engine(
     req_path, out_path, log_path = run_dir / "request.json", run_dir / "result.json", run_dir / "vllm.log"
     req_path.write_text(json.dumps(request))
     out_path.unlink(missing_ok=True)
-    rc = _spawn([sys.executable, "-m", "vllm_mixed.evaluate_worker", str(req_path), str(out_path)], log_path, settings)
+    cmd = [sys.executable, "-m", "vllm_mixed.evaluate_worker", str(req_path), str(out_path)]
+    rc = run_isolated(cmd, log_path, settings.timeout_s, settings.env())
+    if rc is None:
+        raise MixedError(f"vLLM did not finish within {settings.timeout_s:.0f} s (see {log_path}); raise --timeout")
     log = log_path.read_text(errors="replace")
     if rc != 0 or OK_MARK not in log or not out_path.is_file():
         tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
@@ -243,37 +246,6 @@ def run_engine(
             f"(now {settings.max_model_len})"
         )
     return EngineResult.from_json(data)
-
-
-def _spawn(cmd: list[str], log_path: Path, settings: EngineSettings) -> int:
-    """Run the worker in its own session, output to a file (a pipe could
-    hold us up on a lingering engine process); kill its group on timeout."""
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=settings.env(),
-            start_new_session=True,
-        )
-        try:
-            return proc.wait(timeout=settings.timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise MixedError(
-                f"vLLM did not finish within {settings.timeout_s:.0f} s (see {log_path}); raise --timeout"
-            ) from None
-        except BaseException:  # Ctrl-C: leave no engine behind
-            _kill_group(proc)
-            raise
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """The worker and whatever engine processes it started (its session)."""
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @contextmanager
@@ -344,80 +316,3 @@ def evaluate(
         weight_bytes={"recipe": plan.total_bytes, "reference": ref_plan.total_bytes},
         init_s={"recipe": round(result.init_s, 2), "reference": round(reference.init_s, 2)},
     )
-
-
-def format_report(report: EvalReport) -> str:
-    """The human-readable table of ``eval``."""
-    from vllm_mixed.cli import human, table
-
-    s = report.scores
-    rows = [
-        ("perplexity", f"{s.ppl_recipe:.4f}", f"{s.ppl_reference:.4f}", f"{s.ppl_delta:+.4f} ({s.ppl_delta_rel:+.2%})"),
-        ("weights", human(report.weight_bytes["recipe"]), human(report.weight_bytes["reference"]), ""),
-        ("engine start (s)", f"{report.init_s['recipe']:.1f}", f"{report.init_s['reference']:.1f}", ""),
-    ]
-    lines = [
-        f"recipe     {report.recipe}",
-        f"reference  source {report.reference!r} ({report.reference_path}) as a pure recipe",
-        f"prompts    {report.prompts} ({s.positions} scored positions, teacher-forced)",
-        "",
-        table(["", "recipe", "reference", "delta"], rows, right={1, 2, 3}),
-        "",
-        f"KL(reference || recipe)  mean {s.kl_mean:.6g} nats/token, max {s.kl_max:.6g}",
-        f"top-1 agreement          {s.top1_agreement:.2%} ({s.top1_agree}/{s.positions})",
-        f"KL is {s.kl_method}",
-    ]
-    if report.top_k:
-        lines.append(
-            f"the reference's top-{report.top_k} holds {s.reference_mass:.1%} of its probability on average: "
-            "the nearer 100%, the nearer the exact KL"
-        )
-    return "\n".join(lines)
-
-
-def _top_k(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative; give K >= 1, or 0 for the whole vocabulary")
-    return value
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``vllm-mixed eval``; sets ``func=cmd_eval``."""
-    parser.add_argument("recipe")
-    parser.add_argument("--prompts", required=True, help="text file, one prompt per line; or .jsonl of "
-                        '{"prompt": ...} / {"token_ids": [...]}')  # fmt: skip
-    parser.add_argument("--against", metavar="SOURCE", help="reference source name (default: the first unquantized)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--top-k", type=_top_k, default=20, help="logprobs per position (default 20: approximate "
-                        "KL over the union of both top-K sets); 0: the whole vocabulary, exact KL")  # fmt: skip
-    parser.add_argument("--max-model-len", type=int, default=512)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3,
-                        help="share of GPU memory vLLM may take (default 0.3 suits the CPU build; ~0.9 on a GPU)")  # fmt: skip
-    parser.add_argument("--max-num-seqs", type=int, default=8)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per vLLM run (default 3600)")
-    parser.add_argument("--workdir", help="keep the composed models, logs and raw logprobs here (default: a temp dir)")
-    parser.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    settings = EngineSettings(
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_num_seqs=args.max_num_seqs,
-        tensor_parallel_size=args.tensor_parallel_size,
-        timeout_s=args.timeout,
-    )
-    prompts = load_prompts(args.prompts)
-    report = evaluate(
-        args.recipe,
-        prompts,
-        against=args.against,
-        top_k=args.top_k,
-        settings=settings,
-        workdir=args.workdir,
-        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-    )
-    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
-    return 0

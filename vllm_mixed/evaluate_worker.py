@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from vllm_mixed.vllm_compat import client_errors, prompt_logprob_rows, prompt_logprobs_options
+
 __all__ = ["OK_MARK", "run_request"]
 
 OK_MARK = "EVAL_WORKER_OK"
@@ -46,15 +48,14 @@ def run_request(request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     init_s = time.perf_counter() - start
     prompts = [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=list(p)) for p in request["prompts"]]
     # max_tokens=1: only the prompt is scored, the one sampled token is ignored;
-    # no detokenizing of the (up to vocabulary-many) logprob tokens, flat lists
-    options: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": top_k, "detokenize": False}
-    if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):  # releases without it return dicts
-        options["flat_logprobs"] = True
-    params = SamplingParams(**options)
+    # no detokenizing of the (up to vocabulary-many) logprob tokens, flat lists where the release has them
+    params = SamplingParams(
+        max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False, **prompt_logprobs_options()
+    )
     start = time.perf_counter()
     try:
         outputs = llm.generate(prompts, params, use_tqdm=False)
-    except _client_errors() as exc:  # a prompt too long for max_model_len, an empty prompt, ...
+    except client_errors() as exc:  # a prompt too long for max_model_len, an empty prompt, ...
         return {"error": str(exc), "init_s": init_s}, llm
     run_s = time.perf_counter() - start
     result: dict[str, Any] = {
@@ -71,28 +72,11 @@ def run_request(request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     return result, llm
 
 
-def _client_errors() -> tuple[type[Exception], ...]:
-    """What vLLM raises for a bad request (its own class is no ValueError
-    since 0.32; older releases raise ValueError)."""
-    try:
-        from vllm.exceptions import VLLMClientError
-    except ImportError:
-        return (ValueError,)
-    return (ValueError, VLLMClientError)
-
-
 def _positions(prompt_logprobs: Any) -> list[dict[str, list[Any]]]:
     """Per scored position (all but the first token) the token ids and
     logprobs vLLM returned, each token once (the actual token may also be in
     the top-K: flat lists repeat it)."""
-    if prompt_logprobs is None:
-        return []
-    if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs
-        ids, lps = prompt_logprobs.token_ids, prompt_logprobs.logprobs
-        spans = zip(prompt_logprobs.start_indices, prompt_logprobs.end_indices)
-        rows = [dict(zip(ids[a:b], lps[a:b])) for a, b in spans]
-    else:
-        rows = [{t: v.logprob for t, v in lp.items()} if lp else {} for lp in prompt_logprobs]
+    rows = prompt_logprob_rows(prompt_logprobs)
     return [{"ids": list(r), "logprobs": list(r.values())} for r in rows[1:]]  # row 0 has no context
 
 

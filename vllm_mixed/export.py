@@ -1,28 +1,21 @@
 """``export``: one merged checkpoint in the compressed-tensors format, which
 stock vLLM serves without this plugin.
 
-The composed directory (``compose``) needs the plugin and the three source
+The composed directory (``compose``) needs the plugin and the source
 checkpoints at serve time; an exported directory needs neither. Each layer is
 written in the compressed-tensors form of its routed format, converted without
-re-rounding anything:
-
-- GPTQ int4 (v1, symmetric) becomes ``pack-quantized`` W4A16 (group strategy,
-  the source's group size): the int4 codes keep their bits (compressed-tensors
-  packs ``q - 8`` eight to an int32 along the input dimension, lowest nibble
-  first, which is exactly GPTQ's ``qweight`` transposed) and ``scales`` [K/g, N]
-  becomes ``weight_scale`` [N, K/g] in its source dtype;
-- FP8 block becomes ``float-quantized`` (strategy ``block``, dynamic fp8
-  ``group`` input activations, as vLLM runs block FP8): ``weight`` keeps its fp8
-  bits and ``weight_scale_inv`` becomes ``weight_scale`` in its source dtype;
-- unquantized layers are cast to the recipe dtype and listed in ``ignore``.
+re-rounding anything: each format's module gives its config group
+(``Format.export_scheme``) and converts its members (``Format.export_member``);
+unquantized layers are cast to the recipe dtype and listed in ``ignore``.
 
 The compressed-tensors package does the format itself: its own config classes
 (``QuantizationConfig``, ``QuantizationScheme``, ``QuantizationArgs``), its
 format inference and compressors (``compress``), and ``ModelCompressor`` to
 write ``quantization_config``. The compressors quantize a float weight with a
-given scale; we hand them the source weight decoded in float64, where every
-product code x scale is exact, so quantizing it gives back the source codes.
-That identity is checked for every tensor: a mismatch stops the export.
+given scale; the formats hand them the source weight decoded in float64, where
+every product code x scale is exact (int4 x fp16 needs 15 significant bits,
+fp8 x fp32 28; 53 there), so quantizing it gives back the source codes. That
+identity is checked for every tensor: a mismatch stops the export.
 
 Tensors stream layer by layer from the sources (each file opened once per
 layer with ``safe_open``) into shards of about ``shard_bytes``: memory stays
@@ -31,14 +24,12 @@ near one shard (twice that while safetensors serializes it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,122 +37,23 @@ import torch
 from compressed_tensors.compressors import BaseCompressor, ModelCompressor
 from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.config import CompressionFormat
-from compressed_tensors.quantization import (
-    QuantizationArgs,
-    QuantizationConfig,
-    QuantizationScheme,
-    QuantizationStatus,
-    QuantizationStrategy,
-    QuantizationType,
-)
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from vllm_mixed.checkpoint_writer import ShardWriter
 from vllm_mixed.compose import BASE_FILES
 from vllm_mixed.errors import MixedError
-from vllm_mixed.formats import FORMATS
-from vllm_mixed.formats.fp8_block import block_size
+from vllm_mixed.formats import FORMATS, Format
+from vllm_mixed.formats.base import ExportScheme
 from vllm_mixed.plan import LoadPlan, PlannedLayer
 from vllm_mixed.safetensors_header import TensorInfo
 
-__all__ = ["DEFAULT_SHARD_BYTES", "cmd_export", "export"]
+__all__ = ["DEFAULT_SHARD_BYTES", "export", "plan_schemes"]
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's usual "5GB"
-INDEX = "model.safetensors.index.json"
 ALWAYS_IGNORED = ("lm_head", "re:.*mlp[.]gate$")  # head and MoE routers stay unquantized
-GPTQ_SYM_ZEROS = 0x77777777  # v1 stores zero point - 1: eight nibbles of 7 is zero point 8
 _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class _Group:
-    """One compressed-tensors config group: the scheme (without targets) of
-    every layer routed to a format with these parameters."""
-
-    format: str
-    weights: QuantizationArgs
-    input_activations: QuantizationArgs | None = None
-
-    @property
-    def key(self) -> str:
-        inputs = self.input_activations.model_dump_json() if self.input_activations else ""
-        return f"{self.format}|{self.weights.model_dump_json()}|{inputs}"
-
-
-def _gptq_group(qc: dict[str, Any], where: str) -> _Group:
-    if not qc.get("sym", True):
-        raise MixedError(
-            f"{where}: GPTQ with sym: false is not exported; vLLM's pack-quantized W4A16 here is symmetric "
-            "(zero point 8). Route these layers to a symmetric GPTQ checkpoint, or to the bf16/fp8 source"
-        )
-    weights = QuantizationArgs(
-        num_bits=4, type=QuantizationType.INT, strategy=QuantizationStrategy.GROUP,
-        group_size=int(qc["group_size"]), symmetric=True, dynamic=False,
-    )  # fmt: skip
-    return _Group("gptq_int4", weights)
-
-
-def _fp8_group(qc: dict[str, Any], where: str) -> _Group:
-    bn, bk = block_size(qc)
-    weights = QuantizationArgs(
-        num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.BLOCK,
-        block_structure=[bn, bk], symmetric=True, dynamic=False,
-    )  # fmt: skip
-    # vLLM's block FP8 GEMM quantizes activations per token and per group of bk
-    inputs = QuantizationArgs(
-        num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.GROUP,
-        group_size=bk, symmetric=True, dynamic=True,
-    )  # fmt: skip
-    return _Group("fp8_block", weights, inputs)
-
-
-# A member converter gets the module name, its source tensors (by suffix), the
-# source's quantization_config, the scheme and where the source is; it returns
-# the compressed tensors and whether the source codes came through bit for bit.
-# It hands the compressor the source weight decoded in float64, where code x
-# scale is exact (int4 x fp16 needs 15 significant bits, fp8 x fp32 28; 53 there).
-Tensors = dict[str, torch.Tensor]
-Converter = Callable[[str, Tensors, "dict[str, Any] | None", QuantizationScheme, str], tuple[Tensors, bool]]
-
-
-def _gptq_to_packed(
-    name: str, t: Tensors, qc: dict[str, Any] | None, scheme: QuantizationScheme, where: str
-) -> tuple[Tensors, bool]:
-    qweight, scales, g_idx = t["qweight"], t["scales"], t.get("g_idx")
-    if not bool((t["qzeros"] == GPTQ_SYM_ZEROS).all()):
-        raise MixedError(
-            f"{where}: tensor {name}.qzeros is not all 0x77777777 (zero point 8), although the checkpoint declares "
-            "sym: true; it is asymmetric or damaged: fix its config.json, or route the layer to another source"
-        )
-    k, group = qweight.shape[0] * 8, scheme.weights.group_size
-    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // group):
-        raise MixedError(
-            f"{where}: tensor {name}.g_idx is not arange(in) // {group} (act-order GPTQ); pack-quantized has no "
-            "column permutation: route the layer to a desc_act: false checkpoint"
-        )
-    state = {"weight": FORMATS["gptq_int4"].dequantize(t, qc, torch.float64), "weight_scale": scales.t().contiguous()}
-    out = _compressor(scheme).compress(state, scheme)
-    return out, torch.equal(out["weight_packed"], qweight.t())  # both: q in 0..15, 8 per word along in, low first
-
-
-def _fp8_to_float(
-    name: str, t: Tensors, qc: dict[str, Any] | None, scheme: QuantizationScheme, where: str
-) -> tuple[Tensors, bool]:
-    state = {"weight": FORMATS["fp8_block"].dequantize(t, qc, torch.float64), "weight_scale": t["weight_scale_inv"]}
-    out = _compressor(scheme).compress(state, scheme)
-    return out, torch.equal(out["weight"].view(torch.uint8), t["weight"].view(torch.uint8))
-
-
-# format -> (its config group from the source's quantization_config, its member converter)
-_EXPORTERS: dict[str, tuple[Callable[[dict[str, Any], str], _Group], Converter]] = {
-    "gptq_int4": (_gptq_group, _gptq_to_packed),
-    "fp8_block": (_fp8_group, _fp8_to_float),
-}
-
-
-def _compressor(scheme: QuantizationScheme) -> type[BaseCompressor]:
-    return BaseCompressor.get_value_from_registry(scheme.format)
 
 
 def _targets(layers: Iterable[PlannedLayer], num_layers: int) -> list[str]:
@@ -195,24 +87,26 @@ def _targets(layers: Iterable[PlannedLayer], num_layers: int) -> list[str]:
     return out
 
 
-def _plan_groups(plan: LoadPlan) -> tuple[dict[str, QuantizationScheme], QuantizationConfig | None]:
+def plan_schemes(plan: LoadPlan) -> tuple[dict[str, QuantizationScheme], QuantizationConfig | None]:
     """Each quantized layer's scheme by layer name, and the whole
     ``QuantizationConfig`` (``None`` when nothing is routed to a quantized format)."""
-    groups_by_key: dict[str, _Group] = {}
+    groups_by_key: dict[str, ExportScheme] = {}
     members: dict[str, list[PlannedLayer]] = defaultdict(list)
     unquantized: list[PlannedLayer] = []
     for p in plan.layers:
-        if p.format == "unquantized":
+        fmt = p.fmt
+        if not fmt.quantized:
             if p.layer.quantizable:
                 unquantized.append(p)
             continue
-        if p.format not in _EXPORTERS:
+        if not _exportable(fmt):
+            exportable = ", ".join(sorted(f.name for f in FORMATS.values() if not f.quantized or _exportable(f)))
             raise MixedError(
                 f"layer {p.layer.name!r} is {p.format} in source {p.source!r}, which export cannot write; "
-                f"exportable: unquantized, {', '.join(sorted(_EXPORTERS))}"
+                f"exportable: {exportable}"
             )
         src = plan.sources[p.source]
-        group = _EXPORTERS[p.format][0](src.quant_config or {}, src.where)
+        group = fmt.export_scheme(src.quant_config or {}, src.where)
         groups_by_key.setdefault(group.key, group)
         members[group.key].append(p)
     if not members:
@@ -238,47 +132,9 @@ def _plan_groups(plan: LoadPlan) -> tuple[dict[str, QuantizationScheme], Quantiz
     return routed, config
 
 
-class _ShardWriter:
-    """Buffers tensors up to ``shard_bytes`` and writes each full shard under
-    a temporary name; ``finish`` gives the shards their final
-    ``model-0000i-of-0000n`` names and writes the index."""
-
-    def __init__(self, out: Path, shard_bytes: int):
-        self.out, self.shard_bytes = out, shard_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.size = self.total = 0
-        self.written: list[tuple[Path, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.size + nbytes > self.shard_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        path = self.out / f"model-{len(self.written) + 1:05d}.safetensors.partial"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.written.append((path, list(self.buffer)))
-        self.buffer, self.size = {}, 0
-
-    def finish(self) -> None:
-        self.flush()
-        n = len(self.written)
-        weight_map: dict[str, str] = {}
-        for i, (path, names) in enumerate(self.written):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(self.out / name)
-            weight_map.update(dict.fromkeys(names, name))
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-    def abort(self) -> None:
-        for path, _ in self.written:
-            path.unlink(missing_ok=True)
+def _exportable(fmt: Format) -> bool:
+    """Whether a format has an exporter (overrides ``Format.export_scheme``)."""
+    return type(fmt).export_scheme is not Format.export_scheme
 
 
 def _read(handles: ExitStack, opened: dict[Path, Any], info: TensorInfo) -> torch.Tensor:
@@ -302,7 +158,7 @@ def _check_exact(
 ) -> None:
     """Stop unless the compressor kept the source codes and wrote exactly the
     tensors it declares for the scheme."""
-    expected = sorted(_compressor(scheme).compression_param_names(scheme))
+    expected = sorted(BaseCompressor.get_value_from_registry(scheme.format).compression_param_names(scheme))
     problem = (
         None if same and sorted(converted) == expected
         else f"tensors {sorted(converted)} where the scheme declares {expected}" if same
@@ -341,9 +197,8 @@ def export(plan: LoadPlan, out_dir: str | Path, shard_bytes: int = DEFAULT_SHARD
             "read_headers=False; build it with build_plan(recipe) to export"
         )
     dtype = _TORCH[plan.recipe.dtype]
-    routed, qconfig = _plan_groups(plan)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out, shard_bytes)
+    routed, qconfig = plan_schemes(plan)
+    writer = ShardWriter(out, shard_bytes)
     bar = tqdm(
         total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="export", disable=not progress
     )
@@ -357,11 +212,11 @@ def export(plan: LoadPlan, out_dir: str | Path, shard_bytes: int = DEFAULT_SHARD
                 opened: dict[Path, Any] = {}
                 for member, infos in by_member.items():
                     tensors = {i.name.rpartition(".")[2]: _read(handles, opened, i) for i in infos}
-                    if p.format == "unquantized":
+                    if not p.fmt.quantized:
                         converted = {k: v.to(dtype) for k, v in tensors.items()}
                     else:
                         scheme = routed[p.layer.name]
-                        converted, same = _EXPORTERS[p.format][1](member, tensors, src.quant_config, scheme, src.where)
+                        converted, same = p.fmt.export_member(member, tensors, src.quant_config, scheme, src.where)
                         _check_exact(member, p, infos[0].file, converted, same, scheme)
                     for suffix, t in converted.items():
                         writer.add(f"{member}.{suffix}", t)
@@ -390,23 +245,3 @@ def _write_config(plan: LoadPlan, out: Path, qconfig: QuantizationConfig | None)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if qconfig is not None:
         ModelCompressor(quantization_config=qconfig).update_config(str(out))
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """``vllm-mixed export RECIPE -o DIR [--shard-size 5GB]`` (arguments
-    defined in :mod:`vllm_mixed.cli`, which imports this module lazily)."""
-    from vllm_mixed.cli import human
-    from vllm_mixed.plan import build_plan
-    from vllm_mixed.recipe import load_recipe
-
-    plan = build_plan(load_recipe(args.recipe))
-    out = export(plan, args.output, shard_bytes=getattr(args, "shard_size", DEFAULT_SHARD_BYTES))
-    index = json.loads((out / INDEX).read_text())
-    shards = len(set(index["weight_map"].values()))
-    print(f"exported {out}: {human(index['metadata']['total_size'])} in {shards} shards (compressed-tensors)")
-    by_precision = sorted(plan.bytes_by_precision().items())
-    width = max(len(prec) for prec, _ in by_precision)
-    for prec, nbytes in by_precision:
-        print(f"  {prec:{width}s}  {human(nbytes)} read from the sources")
-    print(f"serve it with stock vLLM: vllm serve {out}")
-    return 0

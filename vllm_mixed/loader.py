@@ -1,9 +1,12 @@
 """``MixedModelLoader`` (``--load-format mixed``): streams exactly the planned
 tensors from the source checkpoints into the model.
 
-Before reading data it re-plans on the files now on disk and checks them
-against what ``compose`` recorded (``Composition.replan``): a shard damaged or
+Before reading data it plans exactly the composed layers on the files now on
+disk, each shard's header read once and its identity compared with what
+``compose`` recorded (``Composition.verified_plan``): a shard damaged or
 replaced since then stops the engine start with the file (and tensor) named.
+Just before a shard's data is read, its reader checks that the header still
+holds the planned tensors (a shard changed during the load).
 Each shard is opened once and read front to back by its own thread (a few at
 a time), in large reads that cover exactly the planned bytes; tensors reach
 ``model.load_weights`` under their checkpoint names, already in the dtype
@@ -29,6 +32,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from vllm_mixed.errors import MixedError
+from vllm_mixed.formats import get_format
 from vllm_mixed.plan import LoadPlan
 from vllm_mixed.safetensors_header import TensorInfo, read_header
 from vllm_mixed.vllm_compat import OPTIONAL_UNLOADED_PARAMS, normalize_param_name
@@ -42,13 +46,6 @@ CHUNK_BYTES = 32 * 2**20  # planned tensors that sit back to back are read toget
 GAP_BYTES = 4096  # a gap up to this (alignment padding) between planned tensors is read through
 QUEUE_CHUNKS = 8  # bound on chunks read ahead of the model
 
-# (format, checkpoint suffix) -> dtype the vLLM parameter holds; None = the model dtype
-RUNTIME_DTYPE: dict[tuple[str, str], torch.dtype | None] = {
-    ("unquantized", "weight"): None,
-    ("fp8_block", "weight_scale_inv"): torch.float32,
-    ("gptq_int4", "scales"): None,
-}
-
 # safetensors dtype name -> torch dtype (the names of safetensors_header.DTYPE_SIZES)
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
@@ -60,10 +57,9 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 def _runtime(t: torch.Tensor, fmt: str, suffix: str, model_dtype: torch.dtype) -> torch.Tensor:
-    if (fmt, suffix) not in RUNTIME_DTYPE:
-        return t
-    target = RUNTIME_DTYPE[(fmt, suffix)] or model_dtype
-    return t if t.dtype == target else t.to(target)
+    """The tensor in the dtype vLLM's parameter for it holds (its format says)."""
+    target = get_format(fmt).runtime_dtype(suffix, model_dtype)
+    return t if target is None or t.dtype == target else t.to(target)
 
 
 def _chunks(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
@@ -82,7 +78,7 @@ def _chunks(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
 
 def _check_header(path: str, infos: list[TensorInfo], size: int) -> None:
     """The shard still holds each planned tensor as planned (it may have
-    changed since ``Composition.replan``): the same dtype, shape and bytes."""
+    changed since ``Composition.verified_plan``): the same dtype, shape and bytes."""
     short = next((info for info in infos if info.end > size), None)
     if short is not None:
         raise MixedError(
@@ -166,7 +162,11 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            q.put(MixedError(f"{path}: read failed at opening the file: {exc}; the shard changed or is damaged, restore it"))
+            q.put(
+                MixedError(
+                    f"{path}: read failed at opening the file: {exc}; the shard changed or is damaged, restore it"
+                )
+            )
             return
         try:
             # planned ranges are read explicitly; readahead would pull in the tensors between them
@@ -247,7 +247,7 @@ class MixedModelLoader(BaseModelLoader):
             )
         comp = quant.composition
         start = time.perf_counter()
-        plan = comp.replan()  # re-validates every header and shard identity against the files now on disk
+        plan = comp.verified_plan()  # every shard's header and identity against the files now on disk
         stream = stream_plan(plan, model_config.dtype)
         try:
             loaded = model.load_weights(stream)

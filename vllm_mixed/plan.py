@@ -11,21 +11,24 @@ config-only directories such as ``--load-format dummy`` benchmarks).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_mixed.architectures import MODEL_KEYS, Layer, layers_for
 from vllm_mixed.errors import MixedError
-from vllm_mixed.formats import FORMATS
-from vllm_mixed.formats.base import TensorSpec
+from vllm_mixed.formats import UNQUANTIZED, Format, TensorSpec, get_format
 from vllm_mixed.formats.unquantized import FLOAT_DTYPES
-from vllm_mixed.methods import predicted_methods
+from vllm_mixed.models import Geometry, Layer, geometry_for, layers_for, model_for
+from vllm_mixed.parallel import Parallel
 from vllm_mixed.recipe import Recipe
 from vllm_mixed.safetensors_header import TensorInfo
 from vllm_mixed.sources import Source
-from vllm_mixed.tp_constraints import Parallel, Routed, ShardCheck, check_layers
+from vllm_mixed.tp_constraints import Routed, ShardCheck, check_layers
 
-__all__ = ["LoadPlan", "PlannedLayer", "build_plan", "open_sources"]
+__all__ = [
+    "LoadPlan", "PlannedLayer", "build_plan", "layer_format", "layer_tensors", "open_sources", "plan_summary",
+    "predicted_methods", "pure_plan",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class PlannedLayer:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @property
+    def fmt(self) -> Format:
+        return get_format(self.format)
+
 
 @dataclass
 class LoadPlan:
@@ -49,13 +56,14 @@ class LoadPlan:
     sources: dict[str, Source]
     layers: list[PlannedLayer]
     unused_rules: list[int] = field(default_factory=list)
+    geometry: Geometry | None = None
 
     @property
     def base(self) -> Source:
         return self.sources[self.recipe.base]
 
     def routes(self) -> dict[str, str]:
-        """vLLM layer name -> source name (what compose writes)."""
+        """vLLM layer name -> source name."""
         return {p.layer.name: p.source for p in self.layers}
 
     def bytes_by_precision(self) -> dict[str, int]:
@@ -85,7 +93,8 @@ class LoadPlan:
         including routing to another of the recipe's sources."""
         routed = [Routed(p.layer, p.source, p.format, self.sources[p.source].quant_config) for p in self.layers]
         others = {n: (s.format, s.quant_config) for n, s in self.sources.items()}
-        return check_layers(self.base.config, routed, parallel, dtype=self.recipe.dtype, sources=others)
+        geometry = self.geometry or geometry_for(self.base.config, "base config")
+        return check_layers(geometry, routed, parallel, dtype=self.recipe.dtype, sources=others)
 
     def tensors_by_file(self) -> dict[str, list[tuple[str, TensorInfo]]]:
         """Shard path -> [(source name, tensor)] in file order: each file is
@@ -103,8 +112,9 @@ def open_sources(recipe: Recipe) -> dict[str, Source]:
     """Open every source and check they describe the same model."""
     sources = {name: Source(name, path) for name, path in recipe.sources.items()}
     base = sources[recipe.base]
+    keys = model_for(base.config, f"base {base.name!r} ({base.path}/config.json)").model_keys
     for src in sources.values():
-        for key in MODEL_KEYS:
+        for key in keys:
             a, b = base.config.get(key), src.config.get(key)
             if a != b:
                 raise MixedError(
@@ -117,30 +127,27 @@ def open_sources(recipe: Recipe) -> dict[str, Source]:
 def build_plan(recipe: Recipe, sources: dict[str, Source] | None = None, read_headers: bool = True) -> LoadPlan:
     """Resolve every layer of the base model to a source and its tensors."""
     sources = sources or open_sources(recipe)
-    layers = layers_for(sources[recipe.base].config, f"base {recipe.base!r} ({sources[recipe.base].path}/config.json)")
+    where = f"base {recipe.base!r} ({sources[recipe.base].path}/config.json)"
+    layers = layers_for(sources[recipe.base].config, where)
     used_rules: set[int] = set()
     planned = []
     for layer in layers:
-        source_name = _resolve(recipe, layer, used_rules)
-        src = sources[source_name]
-        fmt = _format_in(src, layer)
-        planned.append(
-            PlannedLayer(
-                layer=layer,
-                source=source_name,
-                format=fmt,
-                precision=_precision(src, fmt),
-                tensors=_tensors(src, layer, fmt) if read_headers else (),
-            )
-        )
+        src = sources[_resolve(recipe, layer, used_rules)]
+        planned.append(plan_layer(src, layer, layer_format(src, layer), read_headers))
     unused = [i for i in range(len(recipe.rules)) if i not in used_rules]
-    return LoadPlan(recipe, sources, planned, unused)
+    return LoadPlan(recipe, sources, planned, unused, geometry_for(sources[recipe.base].config, where))
+
+
+def plan_layer(src: Source, layer: Layer, fmt: str, read_headers: bool = True) -> PlannedLayer:
+    """One layer from one source in format ``fmt``: its precision label and
+    (with ``read_headers``) its checkpoint tensors, checked."""
+    precision = get_format(fmt).precision(src.quant_config, _float_name(src.dtype))
+    return PlannedLayer(layer, src.name, fmt, precision, layer_tensors(src, layer, fmt) if read_headers else ())
 
 
 def pure_plan(recipe: Recipe, sources: dict[str, Source], name: str) -> LoadPlan:
     """The plan of the whole model from one source (for comparisons)."""
-    pure = recipe.only(name)
-    return build_plan(pure, sources)
+    return build_plan(recipe.only(name), sources)
 
 
 def _resolve(recipe: Recipe, layer: Layer, used_rules: set[int]) -> str:
@@ -176,43 +183,39 @@ def _resolve(recipe: Recipe, layer: Layer, used_rules: set[int]) -> str:
     )
 
 
-def _format_in(src: Source, layer: Layer) -> str:
+def layer_format(src: Source, layer: Layer) -> str:
     """The format a layer has in a source: quantizable layers take the
     source's format unless its config leaves them unconverted."""
-    if not layer.quantizable or src.format == "unquantized":
-        return "unquantized"
+    if not layer.quantizable or not get_format(src.format).quantized:
+        return UNQUANTIZED.name
     qc = src.quant_config or {}
     skipped = list(qc.get("modules_to_not_convert") or []) + list(qc.get("ignored_layers") or [])
     names = [layer.name, *(m.name for m in layer.members[:3])]
     if any(n == s or n.endswith("." + s) for n in names for s in skipped):
-        return "unquantized"
+        return UNQUANTIZED.name
     return src.format
-
-
-def _precision(src: Source, fmt: str) -> str:
-    if fmt == "unquantized":
-        return FORMATS[fmt].precision(None, _float_name(src.dtype))
-    return FORMATS[fmt].precision(src.quant_config)
 
 
 def _float_name(dtype: str) -> str:
     return {"float16": "float16", "half": "float16", "float32": "float32"}.get(dtype, "bfloat16")
 
 
-def _specs(src: Source, layer: Layer, fmt: str, member_shape: tuple[int, ...]) -> dict[str, TensorSpec]:
+def _specs(src: Source, fmt: str, member_shape: tuple[int, ...]) -> dict[str, TensorSpec]:
     if len(member_shape) == 1:
         return {"weight": TensorSpec(FLOAT_DTYPES, member_shape)}
-    return FORMATS[fmt].specs(member_shape[0], member_shape[1], src.quant_config)
+    return get_format(fmt).specs(member_shape[0], member_shape[1], src.quant_config)
 
 
-def _tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]:
+def layer_tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]:
+    """The checkpoint tensors of a layer in ``src``, each checked against
+    the spec its format and the model's shape give."""
     out = []
     for m in layer.members:
-        for suffix, spec in _specs(src, layer, fmt, m.shape).items():
+        for suffix, spec in _specs(src, fmt, m.shape).items():
             name = f"{m.name}.{suffix}"
-            if suffix == "g_idx" and not src.has(name):
-                continue  # optional in GPTQ checkpoints; vLLM recomputes it
             if not src.has(name):
+                if spec.optional:
+                    continue
                 raise MixedError(
                     f"{src.where}: tensor {name!r} is in no shard, but layer {layer.name!r} routed to this source "
                     f"as {fmt} needs it; check the source is the {fmt.replace('_', ' ')} checkpoint of this model, "
@@ -234,24 +237,36 @@ def _tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]:
     return tuple(out)
 
 
-def plan_summary(plan: LoadPlan, pure: dict[str, LoadPlan]) -> dict[str, Any]:
-    """Plain data for ``plan --json`` and the table."""
+def predicted_methods(kind: str, fmt: str) -> tuple[str, str]:
+    """(GPU method, CPU method) vLLM will run for a layer kind and format;
+    "-" where vLLM uses no quantization method (embeddings, norms)."""
+    if kind not in ("linear", "router", "experts"):
+        return "-", "-"
+    linear, moe = get_format(fmt).vllm_methods() if kind != "router" else UNQUANTIZED.vllm_methods()
+    name = moe if kind == "experts" else linear
+    return name, name
+
+
+def plan_summary(
+    plan: LoadPlan,
+    pure: dict[str, LoadPlan],
+    cpu_method: Callable[[str, str, dict[str, Any] | None], str] | None = None,
+) -> dict[str, Any]:
+    """Plain data for ``plan --json`` and the table. ``cpu_method(format,
+    kind, quantization_config)`` names what vLLM's CPU build runs for a group
+    on this machine (``cpu_kernels.cpu_method_name``, which asks vLLM);
+    without it the CPU column names vLLM's own methods."""
+    groups = []
+    for g, s, f, p, kind, n, b in plan.groups():
+        gpu, cpu = predicted_methods(kind, f)
+        if cpu_method is not None and kind in ("linear", "experts", "router"):
+            cpu = cpu_method(f, kind, plan.sources[s].quant_config)
+        groups.append({"group": g, "source": s, "format": f, "precision": p, "layers": n, "bytes": b,
+                       "vllm_method_gpu": gpu, "vllm_method_cpu": cpu})  # fmt: skip
     return {
         "recipe": plan.recipe.to_dict(),
         "sources": {n: {"path": str(s.path), "format": s.format} for n, s in plan.sources.items()},
-        "groups": [
-            {
-                "group": g,
-                "source": s,
-                "format": f,
-                "precision": p,
-                "layers": n,
-                "bytes": b,
-                "vllm_method_gpu": predicted_methods(kind, f)[0],
-                "vllm_method_cpu": predicted_methods(kind, f)[1],
-            }  # fmt: skip
-            for g, s, f, p, kind, n, b in plan.groups()
-        ],
+        "groups": groups,
         "bytes_by_precision": plan.bytes_by_precision(),
         "total_bytes": plan.total_bytes,
         "pure_sources": {n: p.total_bytes for n, p in pure.items()},

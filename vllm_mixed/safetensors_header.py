@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from vllm_mixed.errors import MixedError
 
-__all__ = ["DTYPE_SIZES", "ShardIdentity", "TensorInfo", "read_header", "shard_identity"]
+__all__ = ["DTYPE_SIZES", "ShardIdentity", "TensorInfo", "read_header", "read_header_and_identity", "shard_identity"]
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZES = {
@@ -101,6 +101,12 @@ def shard_identity(path: Path) -> ShardIdentity | None:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """All tensors of one ``.safetensors`` file, validated against its size."""
+    return read_header_and_identity(path)[0]
+
+
+def read_header_and_identity(path: Path) -> tuple[dict[str, TensorInfo], ShardIdentity]:
+    """One read of a shard's header gives both its tensors (validated against
+    the file's size) and its identity (what ``compose`` records)."""
     fix = f"the file is damaged or not safetensors; re-download or re-export {path.name}"
     try:
         size = path.stat().st_size
@@ -117,6 +123,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raw = _read(f, n)
     except FileNotFoundError:
         raise MixedError(f"{path}: shard file is missing; restore it or re-download the checkpoint") from None
+    identity = ShardIdentity(size, hashlib.sha256(head + raw).hexdigest())
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, over-long ints, deep nesting
@@ -130,7 +137,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         tensors[name] = _entry(path, name, entry, data_start, data_size, fix)
-    return tensors
+    return tensors, identity
 
 
 def _entry(path: Path, name: str, entry: object, data_start: int, data_size: int, fix: str) -> TensorInfo:

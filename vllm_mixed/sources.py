@@ -1,11 +1,10 @@
 """One checkpoint directory: its format, its config and where each tensor is.
 
 The format is detected from the directory's own ``config.json``
-(``quantization_config.quant_method``): ``fp8`` with ``weight_block_size`` is
-FP8 block, ``gptq`` 4-bit is GPTQ int4, none is unquantized. Tensors are
-located through ``model.safetensors.index.json`` or a single
-``model.safetensors``; only headers are read. Pickle checkpoints are refused
-and never opened.
+(``quantization_config``) by the format registry. Tensors are located through
+``model.safetensors.index.json`` or a single ``model.safetensors``; only
+headers are read, each shard's once (it gives the tensors and the shard's
+identity). Pickle checkpoints are refused and never opened.
 """
 
 from __future__ import annotations
@@ -16,49 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from vllm_mixed.errors import MixedError
-from vllm_mixed.safetensors_header import TensorInfo, read_header
+from vllm_mixed.formats import detect_format
+from vllm_mixed.safetensors_header import ShardIdentity, TensorInfo, read_header_and_identity
 
-__all__ = ["Source", "detect_format", "FORMAT_NAMES"]
+__all__ = ["Source"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-FORMAT_NAMES = ("unquantized", "fp8_block", "gptq_int4")
-
-
-def detect_format(quant_config: dict[str, Any] | None, where: str) -> str:
-    """The format name of a checkpoint from its ``quantization_config``."""
-    if not quant_config:
-        return "unquantized"
-    method = str(quant_config.get("quant_method", "")).lower()
-    if method == "fp8":
-        block = quant_config.get("weight_block_size")
-        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-            raise MixedError(
-                f"{where}: fp8 checkpoint without weight_block_size [n, k]; vllm-mixed reads block-scaled FP8 "
-                "(such as Qwen/Qwen3-30B-A3B-FP8); per-tensor FP8 is not supported"
-            )
-        if quant_config.get("activation_scheme", "dynamic") != "dynamic":
-            raise MixedError(
-                f"{where}: block FP8 needs activation_scheme 'dynamic', got {quant_config['activation_scheme']!r}"
-            )
-        return "fp8_block"
-    if method in ("gptq", "gptq_marlin", "auto_gptq"):
-        problems = []
-        if quant_config.get("bits") != 4:
-            problems.append(f"bits={quant_config.get('bits')!r} (only 4 is supported)")
-        if quant_config.get("checkpoint_format", "gptq") != "gptq":
-            problems.append(f"checkpoint_format={quant_config.get('checkpoint_format')!r} (only the v1 'gptq' layout)")
-        if quant_config.get("desc_act"):
-            problems.append("desc_act=true (vLLM >= 0.27 rejects act-order GPTQ; use a desc_act=false checkpoint)")
-        if not isinstance(quant_config.get("group_size"), int) or quant_config["group_size"] <= 0:
-            problems.append(f"group_size={quant_config.get('group_size')!r} (needs a positive group size such as 128)")
-        if problems:
-            raise MixedError(f"{where}: unsupported GPTQ checkpoint: " + "; ".join(problems))
-        return "gptq_int4"
-    raise MixedError(
-        f"{where}: quantization_config.quant_method {method!r} is not supported; "
-        "supported: none (unquantized), fp8 with weight_block_size, gptq (4-bit)"
-    )
 
 
 class Source:
@@ -142,9 +105,13 @@ class Source:
         raise MixedError(f"{self.where}: no {INDEX} and no {SINGLE}; the checkpoint's weights are missing")
 
     def _headers(self, shard: Path) -> dict[str, TensorInfo]:
+        return self.read_shard(shard)[0]
+
+    def read_shard(self, shard: Path) -> tuple[dict[str, TensorInfo], ShardIdentity]:
+        """A shard's tensors and identity, from one header read (cached)."""
         cache = self.__dict__.setdefault("_header_cache", {})
         if shard not in cache:
-            cache[shard] = read_header(shard)
+            cache[shard] = read_header_and_identity(shard)
         return cache[shard]
 
     def has(self, name: str) -> bool:

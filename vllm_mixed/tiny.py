@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from vllm_mixed.architectures import Layer, layers_for
-from vllm_mixed.formats import FORMATS
-from vllm_mixed.formats.writer import write_checkpoint
+from vllm_mixed.checkpoint_writer import write_checkpoint
+from vllm_mixed.formats import TINY_FORMATS, UNQUANTIZED, Format
+from vllm_mixed.models import Layer, layers_for
 
-__all__ = ["TINY_CONFIG", "FP8_QUANT_CONFIG", "GPTQ_QUANT_CONFIG", "make_tiny"]
+__all__ = ["TINY_CONFIG", "checkpoint_config", "checkpoint_tensors", "encode_member", "init_weight", "make_tiny"]
 
 TINY_CONFIG: dict[str, Any] = {
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -58,28 +58,6 @@ TINY_CONFIG: dict[str, Any] = {
     "vocab_size": 1024,
 }
 
-# As published for Qwen/Qwen3-30B-A3B-FP8 (router and lm_head left in BF16).
-FP8_QUANT_CONFIG: dict[str, Any] = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [128, 128],
-}
-# As published for Qwen/Qwen3-30B-A3B-GPTQ-Int4.
-GPTQ_QUANT_CONFIG: dict[str, Any] = {
-    "bits": 4,
-    "checkpoint_format": "gptq",
-    "damp_percent": 0.01,
-    "desc_act": False,
-    "group_size": 128,
-    "model_file_base_name": None,
-    "model_name_or_path": None,
-    "quant_method": "gptq",
-    "static_groups": False,
-    "sym": True,
-    "true_sequential": True,
-}
-
 RECIPE = """\
 # Tiny Qwen3-MoE mix: experts from the GPTQ int4 checkpoint, everything else BF16.
 sources:
@@ -106,14 +84,6 @@ def main():\n    print("hello")\nfor i in range(10):\n    total += i * 2
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-# checkpoint directory -> (format, its quantization_config, dtype of the unquantized tensors)
-LAYOUTS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
-    "bf16": ("unquantized", None, "bfloat16"),
-    "fp8": ("fp8_block", FP8_QUANT_CONFIG, "bfloat16"),
-    "gptq-int4": ("gptq_int4", GPTQ_QUANT_CONFIG, "float16"),
-}
-
-
 def init_weight(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """A float32 master weight of one member: norms near 1, a sharper
     router, small linears (on the generator's device)."""
@@ -130,41 +100,36 @@ def master_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def encode_member(
-    layer: Layer, weight: torch.Tensor, fmt: str, qc: dict[str, Any] | None, float_dtype: str
-) -> dict[str, torch.Tensor]:
-    """One member's checkpoint tensors by suffix: ``fmt`` where the layer is
-    quantizable, else ``float_dtype``."""
-    if layer.quantizable and fmt != "unquantized":
-        return FORMATS[fmt].quantize(weight, qc)
-    return FORMATS["unquantized"].quantize(weight, None, float_dtype)
+def encode_member(layer: Layer, weight: torch.Tensor, fmt: Format) -> dict[str, torch.Tensor]:
+    """One member's checkpoint tensors by suffix, as a checkpoint of ``fmt``
+    stores it: quantized where the layer is quantizable, else in the
+    format's float dtype."""
+    tiny = fmt.tiny
+    if layer.quantizable and fmt.quantized:
+        return fmt.quantize(weight, tiny.quant_config)
+    return UNQUANTIZED.quantize(weight, None, tiny.float_dtype)
 
 
-def checkpoint_tensors(
-    cfg: dict[str, Any], master: dict[str, torch.Tensor], fmt: str, qc: dict[str, Any] | None, float_dtype: str
-) -> dict[str, torch.Tensor]:
-    """All tensors of one published-format checkpoint: quantizable layers in
-    ``fmt``, everything else in ``float_dtype``."""
+def checkpoint_tensors(cfg: dict[str, Any], master: dict[str, torch.Tensor], fmt: Format) -> dict[str, torch.Tensor]:
+    """All tensors of one published-format checkpoint of the model."""
     tensors = {}
     for layer in layers_for(cfg, "tiny config"):
         for m in layer.members:
-            encoded = encode_member(layer, master[m.name], fmt, qc, float_dtype)
+            encoded = encode_member(layer, master[m.name], fmt)
             tensors.update({f"{m.name}.{k}": v for k, v in encoded.items()})
     return tensors
 
 
-def checkpoint_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    """config.json of the ``name`` checkpoint (a key of ``LAYOUTS``) as
-    published: its dtype and quantization_config (FP8 leaves the head and the
-    routers unconverted)."""
-    fmt, qc, float_dtype = LAYOUTS[name]
-    config = {**cfg, "torch_dtype": float_dtype}
-    if qc is not None:
-        config["quantization_config"] = dict(qc)
-    if fmt == "fp8_block":
-        config["quantization_config"]["modules_to_not_convert"] = ["lm_head"] + [
-            f"model.layers.{i}.mlp.gate" for i in range(cfg["num_hidden_layers"])
-        ]
+def checkpoint_config(cfg: dict[str, Any], fmt: Format) -> dict[str, Any]:
+    """config.json of a checkpoint of ``fmt`` as published: its float dtype
+    and ``quantization_config`` (with the modules it leaves in float)."""
+    tiny = fmt.tiny
+    config = {**cfg, "torch_dtype": tiny.float_dtype}
+    if tiny.quant_config is not None:
+        config["quantization_config"] = dict(tiny.quant_config)
+        unconverted = fmt.unconverted_modules(layers_for(cfg, "tiny config"))
+        if unconverted:
+            config["quantization_config"]["modules_to_not_convert"] = unconverted
     return config
 
 
@@ -202,17 +167,17 @@ def write_tokenizer(directory: Path) -> None:
 
 
 def make_tiny(directory: str | Path, seed: int = 0, shard_bytes: int = 2 * 2**20) -> dict[str, Path]:
-    """Write ``DIR/{bf16,fp8,gptq-int4}`` and ``DIR/recipe.yaml``."""
+    """Write ``DIR/{bf16,fp8,gptq-int4}`` (one directory per format of
+    ``TINY_FORMATS``) and ``DIR/recipe.yaml``."""
     root = Path(directory)
     cfg = dict(TINY_CONFIG)
     master = master_weights(cfg, seed)
     dirs = {}
-    for name, (fmt, qc, float_dtype) in LAYOUTS.items():
-        out = root / name
-        tensors = checkpoint_tensors(cfg, master, fmt, qc, float_dtype)
-        write_checkpoint(out, tensors, checkpoint_config(cfg, name), shard_bytes)
+    for fmt in TINY_FORMATS:
+        out = root / fmt.tiny.directory
+        write_checkpoint(out, checkpoint_tensors(cfg, master, fmt), checkpoint_config(cfg, fmt), shard_bytes)
         write_tokenizer(out)
-        dirs[name] = out
+        dirs[fmt.tiny.directory] = out
     (root / "recipe.yaml").write_text(RECIPE)
     dirs["recipe"] = root / "recipe.yaml"
     return dirs

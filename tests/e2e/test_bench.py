@@ -11,19 +11,20 @@ import re
 from PIL import Image
 
 from tests.e2e.conftest import write_recipe
-from vllm_mixed.bench import PLOT_SIZE, add_bench_arguments, cmd_bench
+from vllm_mixed.commands import bench as bench_command
+from vllm_mixed.plot import PLOT_SIZE
 
 
 def test_bench_mix_vs_bf16(tiny_dirs, tmp_path, capsys) -> None:
     recipe = write_recipe(tiny_dirs, "mix", tmp_path)
     plot, work = tmp_path / "out.png", tmp_path / "work"
     top = argparse.ArgumentParser(prog="vllm-mixed")
-    add_bench_arguments(top.add_subparsers(dest="command", required=True).add_parser("bench"))
+    bench_command.add_parser(top.add_subparsers(dest="command", required=True))
     args = top.parse_args(
         ["bench", str(recipe), "--vs", "bf16", "--plot", str(plot), "--json", "--enforce-eager",
          "--work-dir", str(work), "--", "--max-num-seqs", "8"]
     )  # fmt: skip
-    assert cmd_bench(args) == 0
+    assert bench_command.run(args) == 0
     out, err = capsys.readouterr()
     with capsys.disabled():
         print("\n" + err)

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import write_recipe
+from vllm_mixed.commands import evaluate as eval_command
 from vllm_mixed.eval_metrics import score_positions
-from vllm_mixed.evaluate import EngineResult, add_eval_arguments, evaluate, load_prompts
+from vllm_mixed.evaluate import EngineResult, evaluate, load_prompts
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -43,9 +44,9 @@ def bf16_eval(tiny_dirs: Path, eval_dir: Path) -> tuple[dict, EngineResult, floa
     """The whole command on all-bf16 (a reference run and a recipe run) with
     --json; its kept reference run is shared by the other recipes."""
     parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
+    eval_command.add_parser(parser.add_subparsers(dest="command", required=True))
     recipe = write_recipe(tiny_dirs, "all-bf16", eval_dir)
-    argv = [str(recipe), "--prompts", str(eval_dir / "prompts.txt"), "--top-k", "0", "--json"]
+    argv = ["eval", str(recipe), "--prompts", str(eval_dir / "prompts.txt"), "--top-k", "0", "--json"]
     args = parser.parse_args([*argv, "--workdir", str(eval_dir / "all-bf16")])
     out, start = io.StringIO(), time.perf_counter()
     with redirect_stdout(out):

@@ -1,6 +1,6 @@
 """The composed tiny mix served by vLLM's OpenAI server (CPU build) answers a
 real ``openai`` client on loopback. The ``server`` fixture (conftest) starts
-and stops the server."""
+the server with ``vllm-mixed serve RECIPE`` and stops it."""
 
 from __future__ import annotations
 
@@ -20,5 +20,9 @@ def test_openai_client_completion(server):
     assert reply.usage.completion_tokens == 8
     assert reply.choices[0].text, "empty completion"
     assert reply.choices[0].text == again.choices[0].text, "greedy completions must repeat"
+    from vllm_mixed.cpu_kernels import cpu_method_name
+    from vllm_mixed.formats.gptq_int4 import GPTQ_QUANT_CONFIG
+
     text = log.read_text()
-    assert "vllm-mixed: loaded" in text and "CpuDequantGptqMoEMethod" in text
+    experts = cpu_method_name("gptq_int4", "experts", GPTQ_QUANT_CONFIG)  # vLLM's own, or the fallback on this CPU
+    assert "vllm-mixed: loaded" in text and f"experts <- source 'int4' (gptq_int4) via {experts}" in text

@@ -11,10 +11,10 @@ import re
 import pytest
 
 from tests.e2e.conftest import RECIPES, run_vllm, write_recipe
-from tests.e2e.reference import compare, hf_model, teacher_forced_logprobs
 from vllm_mixed.compose import compose
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
+from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
 
 TOP1_MIN = 0.90
 LOGPROB_GAP_MAX = 0.15

@@ -21,7 +21,9 @@ pytestmark = [
 ]
 
 from vllm_mixed import tp_constraints as tc  # noqa: E402
-from vllm_mixed.architectures import Layer, Member  # noqa: E402
+from vllm_mixed.formats.fp8_block import FP8_BLOCK  # noqa: E402
+from vllm_mixed.formats.gptq_int4 import GPTQ_INT4  # noqa: E402
+from vllm_mixed.models import Geometry, Layer, Member  # noqa: E402
 
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
 FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
@@ -32,12 +34,15 @@ ATTN = [(2048, 32, 4, 128), (256, 4, 2, 128), (2048, 24, 8, 64), (1536, 12, 4, 1
 
 def _shards():
     for hidden, heads, kv, hd in ATTN:
-        s = tc._Shape(hidden, heads, kv, hd, 8, 768, 1024)
+        s = Geometry(hidden, heads, kv, hd, vocab=1024, experts=8, inter=768)
         for tp in TP:
             if tc._attention_split(s, tc.Parallel(tp)):
                 continue
-            for role, members in (("qkv_proj", ()), ("o_proj", (Member("o", (hidden, heads * hd)),))):
-                layer = Layer(f"model.layers.0.self_attn.{role}", "linear", "attention", members)
+            for role, members, style in (
+                ("qkv_proj", (), "qkv"),
+                ("o_proj", (Member("o", (hidden, heads * hd)),), "row"),
+            ):
+                layer = Layer(f"model.layers.0.self_attn.{role}", "linear", "attention", members, style)
                 yield tp, tc._linear_shard(s, tc.Parallel(tp), layer)
 
 
@@ -50,7 +55,7 @@ def test_int4_linear_kernel_choice():
     seen = set()
     for tp, sh in _shards():
         for dtype in ("bfloat16", "float16"):
-            kernel, status, _ = tc._int4_linear(sh, GPTQ, dtype, cap)
+            kernel, status, _ = GPTQ_INT4.linear_rule(sh, GPTQ, dtype, cap)
             n_full = sh.n if sh.row_split else sh.n * tp
             cfg = MPLinearLayerConfig(
                 full_weight_shape=(sh.k_full, n_full), partition_weight_shape=(sh.k, sh.n),
@@ -77,8 +82,8 @@ def test_marlin_moe_and_wna16_fallback():
     for hidden in (2048, 256):
         for inter in (768, 384, 256, 192, 128, 96, 64, 48):
             for g in (128, 64, 32):
-                s = tc._Shape(hidden, 32, 4, 128, 8, inter, 1024)
-                kernel, status, _ = tc._int4_moe(inter, s, tc.Parallel(), dict(GPTQ, group_size=g))
+                s = Geometry(hidden, 32, 4, 128, vocab=1024, experts=8, inter=inter)
+                kernel, status, _ = GPTQ_INT4.moe_rule(inter, s, tc.Parallel(), dict(GPTQ, group_size=g))
                 layer = SimpleNamespace(
                     hidden_size=hidden, apply_router_weight_on_input=False,
                     moe_config=SimpleNamespace(intermediate_size_per_partition_unpadded=inter, hidden_dim=hidden),
@@ -106,7 +111,7 @@ def test_fp8_block_linear_validation(monkeypatch):
 
     monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_world_size", lambda: 1)  # default arg only
     for tp, sh in _shards():
-        _, status, _ = tc._fp8_linear(sh, FP8, "bfloat16", 90)
+        _, status, _ = FP8_BLOCK.linear_rule(sh, FP8, "bfloat16", 90)
         layer = SimpleNamespace(tp_size=tp)
         in_full = sh.k_full
         out_full = sh.n if sh.row_split else sh.n * tp
@@ -126,8 +131,8 @@ def test_fp8_moe_block_validation(monkeypatch):
             for use_ep in (False, True):
                 par = tc.Parallel(tp, ep=use_ep)
                 inter = inter_full // par.moe_tp
-                s = tc._Shape(2048, 32, 4, 128, 8, inter_full, 1024)
-                _, status, _ = tc._fp8_moe(inter, s, par, FP8)
+                s = Geometry(2048, 32, 4, 128, vocab=1024, experts=8, inter=inter_full)
+                _, status, _ = FP8_BLOCK.moe_rule(inter, s, par, FP8)
                 monkeypatch.setattr(fp8, "get_tensor_model_parallel_world_size", lambda tp=tp: tp)
                 fake = SimpleNamespace(
                     quant_config=SimpleNamespace(is_checkpoint_fp8_serialized=True), block_quant=True,
@@ -156,9 +161,12 @@ print("TOKENS", list(out[0].outputs[0].token_ids))
 
 
 def test_engine_checks_shards_before_weights(tmp_path):
-    """A real engine start: the tiny all-FP8 model starts; told that its
-    experts are 192 wide (hf_overrides), it is refused by the plugin's
-    message before vLLM's own Fp8MoEMethod check (i.e. before any weight)."""
+    """A real engine start: the tiny all-FP8 model starts; the same model
+    with 192-wide experts (not whole 128-blocks) is refused by the plugin's
+    message before vLLM's own Fp8MoEMethod check (i.e. before any weight).
+    The shape comes from the composition, so the narrow model is composed
+    from its own checkpoint (an ``hf_overrides`` on the served config no
+    longer changes what was composed)."""
     import json
     import os
     import subprocess
@@ -166,25 +174,32 @@ def test_engine_checks_shards_before_weights(tmp_path):
 
     import yaml
 
+    from vllm_mixed.checkpoint_writer import write_checkpoint
     from vllm_mixed.compose import compose
+    from vllm_mixed.formats.fp8_block import FP8_BLOCK
     from vllm_mixed.plan import build_plan
     from vllm_mixed.recipe import load_recipe
-    from vllm_mixed.tiny import make_tiny
+    from vllm_mixed.tiny import TINY_CONFIG, checkpoint_config, checkpoint_tensors, make_tiny, master_weights
 
     make_tiny(tmp_path / "tiny")
-    dirs = {"bf16": "bf16", "fp8": "fp8", "int4": "gptq-int4"}
-    body = {"sources": {n: str(tmp_path / "tiny" / d) for n, d in dirs.items()}, "base": "bf16", "default": "fp8"}
-    (tmp_path / "fp8.yaml").write_text(yaml.safe_dump(body))
-    model = compose(build_plan(load_recipe(tmp_path / "fp8.yaml")), tmp_path / "composed")
+    narrow = dict(TINY_CONFIG, moe_intermediate_size=192)
+    write_checkpoint(tmp_path / "narrow", checkpoint_tensors(narrow, master_weights(narrow, 0), FP8_BLOCK),
+                     checkpoint_config(narrow, FP8_BLOCK))  # fmt: skip
+    models = {}
+    for name, src in (("fp8", tmp_path / "tiny" / "fp8"), ("narrow", tmp_path / "narrow")):
+        (tmp_path / f"{name}.yaml").write_text(
+            yaml.safe_dump({"sources": {"fp8": str(src)}, "base": "fp8", "default": "fp8"})
+        )
+        models[name] = compose(build_plan(load_recipe(tmp_path / f"{name}.yaml")), tmp_path / f"composed-{name}")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
-    def start(**kw):
+    def start(model, **kw):
         cmd = [sys.executable, "-c", ENGINE, str(model), json.dumps(kw)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
-    ok = start()
+    ok = start(models["fp8"])
     assert ok.returncode == 0 and "TOKENS" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-4000:]
-    bad = start(hf_overrides={"moe_intermediate_size": 192})
+    bad = start(models["narrow"])
     log = bad.stdout + bad.stderr
     assert bad.returncode != 0
     assert "at tensor_parallel_size 1, vLLM 0.26 (CUDA) rejects this recipe: layer group 'experts'" in log, log[-4000:]

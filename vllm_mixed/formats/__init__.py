@@ -1,20 +1,61 @@
-"""On-disk formats, one module each, chosen from one table.
+"""On-disk formats, one module each, registered in one place.
 
-Adding a format is one module implementing :class:`~vllm_mixed.formats.base.Format`
-and one row in :data:`FORMATS`.
+Adding a format is one module with a :class:`~vllm_mixed.formats.base.Format`
+object and one ``register_format`` line below. Everything else asks this
+registry: :func:`detect_format` for a checkpoint's ``quantization_config``,
+:func:`get_format` for a format named in a plan or a composed config.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from vllm_mixed.errors import MixedError
 from vllm_mixed.formats.base import Format, TensorSpec
 from vllm_mixed.formats.fp8_block import FP8_BLOCK
 from vllm_mixed.formats.gptq_int4 import GPTQ_INT4
 from vllm_mixed.formats.unquantized import UNQUANTIZED
 
-__all__ = ["FORMATS", "Format", "TensorSpec"]
+__all__ = [
+    "FORMATS", "FORMAT_NAMES", "TINY_FORMATS", "UNQUANTIZED", "Format", "TensorSpec", "detect_format", "get_format",
+    "register_format",
+]  # fmt: skip
 
-FORMATS: dict[str, Format] = {
-    "unquantized": UNQUANTIZED,
-    "fp8_block": FP8_BLOCK,
-    "gptq_int4": GPTQ_INT4,
-}
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Add a format under its name (registering a name twice is a programming error)."""
+    if not fmt.name or fmt.name in FORMATS:
+        raise ValueError(f"format name {fmt.name!r} is empty or registered twice")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+register_format(UNQUANTIZED)
+register_format(FP8_BLOCK)
+register_format(GPTQ_INT4)
+
+FORMAT_NAMES = tuple(FORMATS)
+# what `make-tiny` writes by default, in this order
+TINY_FORMATS: tuple[Format, ...] = (UNQUANTIZED, FP8_BLOCK, GPTQ_INT4)
+
+
+def get_format(name: str) -> Format:
+    """The registered format of this name; KeyError for anything else
+    (names come from plans and composed configs, which are checked first)."""
+    return FORMATS[name]
+
+
+def detect_format(quant_config: dict[str, Any] | None, where: str) -> str:
+    """The format name of a checkpoint from its ``quantization_config``: the
+    first registered format that claims it, after its own validation."""
+    if not quant_config:
+        return UNQUANTIZED.name
+    for fmt in FORMATS.values():
+        if fmt.quantized and fmt.claims(quant_config):
+            fmt.validate(quant_config, where)
+            return fmt.name
+    method = str(quant_config.get("quant_method", "")).lower()
+    supported = ", ".join(f.description for f in FORMATS.values())
+    raise MixedError(f"{where}: quantization_config.quant_method {method!r} is not supported; supported: {supported}")

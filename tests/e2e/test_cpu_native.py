@@ -1,0 +1,133 @@
+"""On vLLM's CPU build each quantized layer runs on vLLM's own method for its
+format wherever vLLM has a kernel for it on this CPU, and on the dequantizing
+fallback elsewhere. Here: the plugin's native layers against stock vLLM on a
+single checkpoint holding the same weights (identical teacher-forced
+logprobs: the same kernels), the fallback forced by its environment variable
+against the float reference, and the load log naming each choice."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+
+from tests.e2e.conftest import run_vllm, write_recipe
+from vllm_mixed.checkpoint_writer import write_checkpoint
+from vllm_mixed.compose import compose
+from vllm_mixed.cpu_kernels import FALLBACK_ENV, cpu_fallback_reason
+from vllm_mixed.export import export
+from vllm_mixed.formats.fp8_block import FP8_QUANT_CONFIG
+from vllm_mixed.formats.gptq_int4 import GPTQ_QUANT_CONFIG
+from vllm_mixed.plan import build_plan
+from vllm_mixed.recipe import load_recipe
+from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
+
+_rng = random.Random(99)
+TEACHER = [[_rng.randrange(3, 1000) for _ in range(32)] for _ in range(3)]
+REQUEST = {"teacher": TEACHER, "greedy": TEACHER[:1], "max_tokens": 8}
+ATTENTION = ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"]
+EXPERTS = ["model.layers.*.mlp.experts"]
+
+
+def recipe(tiny_dirs, tmp_path, name, default, rules):
+    path = write_recipe(tiny_dirs, "mix", tmp_path)
+    text = path.read_text().split("default:")[0]  # same sources and base as every e2e recipe
+    import yaml
+
+    data = yaml.safe_load(text) | {"default": default, "dtype": "bfloat16", "rules": rules}
+    out = tmp_path / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def max_gap(a, b):
+    """Largest |logprob difference| over the tokens both runs returned, and
+    whether every position's top-1 agrees."""
+    gap, same_top1 = 0.0, True
+    for seq_a, seq_b in zip(a["teacher"], b["teacher"], strict=True):
+        for pa, pb in zip(seq_a, seq_b, strict=True):
+            gap = max([gap, *(abs(pa[t][0] - pb[t][0]) for t in set(pa) & set(pb))])
+            same_top1 &= min(pa, key=lambda t: pa[t][1]) == min(pb, key=lambda t: pb[t][1])
+    return gap, same_top1
+
+
+def skip_without_kernel(fmt, kind, qc):
+    why = cpu_fallback_reason(fmt, kind, qc)
+    if why is not None:
+        pytest.skip(f"vLLM's CPU build has no {fmt} {kind} kernel on this CPU: {why}")
+
+
+def test_int4_attention_runs_natively_and_matches_stock(tiny_dirs, tmp_path):
+    """int4 attention from the GPTQ checkpoint, the rest BF16: the plugin runs
+    vLLM's AutoGPTQLinearMethod; stock vLLM serves the same weights exported
+    to one compressed-tensors checkpoint, on the same CPU int4 GEMM."""
+    skip_without_kernel("gptq_int4", "linear", GPTQ_QUANT_CONFIG)
+    plan = build_plan(
+        load_recipe(recipe(tiny_dirs, tmp_path, "attn-int4", "bf16", [{"targets": ATTENTION, "source": "int4"}]))
+    )
+    mixed = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    stock = run_vllm(export(plan, tmp_path / "export", progress=False), "auto", REQUEST, tmp_path / "stock")
+    assert "qkv_proj <- source 'int4' (gptq_int4) via AutoGPTQLinearMethod" in mixed["log"]
+    assert "Using CPUWNA16LinearKernel" in mixed["log"] and "CPUWNA16LinearKernel" in stock["log"]
+    gap, same_top1 = max_gap(mixed, stock)
+    assert same_top1 and gap <= 1e-5, gap
+    assert mixed["greedy"] == stock["greedy"]
+
+
+@pytest.mark.parametrize("name", ["all-int4", "all-fp8", "mix"])
+def test_native_recipes_match_stock_single_checkpoints(name, tiny_dirs, tmp_path):
+    """The pure recipes against stock vLLM on the GPTQ / FP8 checkpoint, the
+    mix (int4 experts, BF16 rest) against a hand-spliced checkpoint: the GPTQ
+    experts and the BF16 rest under one GPTQ config that quantizes the
+    experts only. Needs vLLM's CPU MoE kernels (AMX), else skipped."""
+    fmt, qc = ("fp8_block", FP8_QUANT_CONFIG) if name == "all-fp8" else ("gptq_int4", GPTQ_QUANT_CONFIG)
+    skip_without_kernel(fmt, "experts", qc)
+    skip_without_kernel(fmt, "linear", qc)
+    rules = {
+        "all-int4": ("int4", []),
+        "all-fp8": ("fp8", []),
+        "mix": ("bf16", [{"targets": EXPERTS, "source": "int4"}]),
+    }
+    default, rule = rules[name]
+    plan = build_plan(load_recipe(recipe(tiny_dirs, tmp_path, name, default, rule)))
+    mixed = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    single = {"all-int4": tiny_dirs / "gptq-int4", "all-fp8": tiny_dirs / "fp8"}.get(name) or splice(plan, tmp_path)
+    stock = run_vllm(single, "auto", REQUEST, tmp_path / "stock")
+    gap, same_top1 = max_gap(mixed, stock)
+    assert same_top1 and gap <= 1e-5, gap
+
+
+def splice(plan, tmp_path):
+    """One GPTQ checkpoint holding exactly the plan's tensors, quantizing only
+    the experts (``modules_in_block_to_quantize``)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for p in plan.layers:
+        for info in p.tensors:
+            with safe_open(str(info.file), framework="pt") as f:
+                tensors[info.name] = f.get_tensor(info.name)
+    config = dict(
+        plan.base.config, quantization_config={**GPTQ_QUANT_CONFIG, "modules_in_block_to_quantize": [["mlp.experts"]]}
+    )
+    out = tmp_path / "spliced"
+    write_checkpoint(out, tensors, config)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(plan.base.path / name, out / name)
+    return out
+
+
+def test_forced_fallback_dequantizes_and_matches_reference(tiny_dirs, tmp_path):
+    """VLLM_MIXED_CPU_FALLBACK=1: every quantized layer on the fallback, within
+    the float reference's tolerance (the e2e reference test's bounds)."""
+    plan = build_plan(load_recipe(write_recipe(tiny_dirs, "all-int4", tmp_path)))
+    result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path, env={FALLBACK_ENV: "1"})
+    assert f"via DequantFallbackLinearMethod (dequantized to the model dtype: {FALLBACK_ENV}=1)" in result["log"]
+    assert "experts <- source 'int4' (gptq_int4) via DequantFallbackMoEMethod" in result["log"]
+    assert "CPUWNA16LinearKernel" not in result["log"]
+    model = hf_model(plan)
+    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
+    top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
+    assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, json.dumps(stats)

@@ -1,0 +1,48 @@
+"""On vLLM's CPU build: which quantized layers run on vLLM's own method for
+their format, and which on the dequantizing fallback. The question is asked
+of vLLM's own kernel checks through each format (``Format.cpu_kernel``), per
+layer kind, the same way for the engine and for ``plan``'s prediction.
+
+``VLLM_MIXED_CPU_FALLBACK=1`` sends every quantized layer to the fallback:
+meant for tests (the float-reference check of the fallback on a CPU that
+has the kernels) and for comparing the two paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from typing import Any
+
+from vllm_mixed.formats import get_format
+
+__all__ = ["FALLBACK_ENV", "cpu_fallback_reason", "cpu_method_name"]
+
+FALLBACK_ENV = "VLLM_MIXED_CPU_FALLBACK"
+FALLBACK_METHODS = {"linear": "DequantFallbackLinearMethod", "experts": "DequantFallbackMoEMethod"}
+
+
+def cpu_fallback_reason(fmt: str, kind: str, quant_config: dict[str, Any] | None) -> str | None:
+    """Why a ``kind`` layer of format ``fmt`` is dequantized on this CPU, or
+    ``None`` when vLLM's own method runs it."""
+    if not get_format(fmt).quantized:
+        return None
+    if os.environ.get(FALLBACK_ENV, "") not in ("", "0"):
+        return f"{FALLBACK_ENV}={os.environ[FALLBACK_ENV]}"
+    return _reason(fmt, kind, json.dumps(quant_config or {}, sort_keys=True))
+
+
+@cache
+def _reason(fmt: str, kind: str, quant_config: str) -> str | None:
+    return get_format(fmt).cpu_kernel(kind, json.loads(quant_config))
+
+
+def cpu_method_name(fmt: str, kind: str, quant_config: dict[str, Any] | None) -> str:
+    """The method the CPU build runs for a layer (what ``plan`` shows)."""
+    linear, moe = get_format(fmt).vllm_methods()
+    if kind not in FALLBACK_METHODS:
+        return linear if kind == "router" else "-"
+    if cpu_fallback_reason(fmt, kind, quant_config) is not None:
+        return FALLBACK_METHODS[kind]
+    return moe if kind == "experts" else linear

@@ -1,0 +1,134 @@
+"""What every architecture module provides: its layer table (vLLM layer
+names, the checkpoint members each fuses, their shapes and how vLLM shards
+them) and the geometry the tensor-parallel rules read. Pure data; no torch,
+no vLLM."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from vllm_mixed.errors import MixedError
+
+__all__ = ["Geometry", "Layer", "Member", "ModelSpec", "PARALLEL_STYLES", "positive"]
+
+# how vLLM shards a layer over tensor-parallel ranks (its layer class)
+PARALLEL_STYLES = (
+    "qkv",  # QKVParallelLinear: q heads split, KV heads split or replicated
+    "column",  # (Merged)ColumnParallelLinear: each member's output split
+    "row",  # RowParallelLinear: input split
+    "replicated",  # ReplicatedLinear (routers)
+    "experts",  # FusedMoE
+    "vocab",  # VocabParallelEmbedding / ParallelLMHead
+    "norm",  # replicated, not a linear
+)
+QUANTIZABLE_KINDS = ("linear", "experts")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One checkpoint module inside a vLLM layer: its name and weight shape
+    ([out, in] for linears, [n] for norms)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One vLLM layer. ``kind`` decides which formats it may take: only
+    ``linear`` and ``experts`` layers can be quantized."""
+
+    name: str
+    kind: str  # linear | experts | router | embedding | lm_head | norm
+    group: str  # row of the plan table
+    members: tuple[Member, ...]
+    parallel: str  # how vLLM shards it: one of PARALLEL_STYLES
+
+    @property
+    def quantizable(self) -> bool:
+        return self.kind in QUANTIZABLE_KINDS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "group": self.group,
+            "parallel": self.parallel,
+            "members": [[m.name, list(m.shape)] for m in self.members],
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> Layer:
+        """From what :meth:`to_dict` wrote (a composed config.json); raises
+        ValueError/TypeError/KeyError on anything else."""
+        kind, group, style = str(data["kind"]), str(data["group"]), str(data["parallel"])
+        if style not in PARALLEL_STYLES:
+            raise ValueError(f"layer {name!r}: parallel style {style!r} is not one of {', '.join(PARALLEL_STYLES)}")
+        members = []
+        for entry in data["members"]:
+            m_name, shape = entry
+            if not isinstance(m_name, str) or not all(type(d) is int and d >= 0 for d in shape):
+                raise TypeError(f"layer {name!r}: member {entry!r} is not [name, [dims]]")
+            members.append(Member(m_name, tuple(shape)))
+        return cls(name, kind, group, tuple(members), style)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The model-wide sizes vLLM's parallel checks divide (read once from
+    config.json by the architecture module), and the vLLM classes whose
+    checks they are."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    experts: int = 0  # routed experts per MoE layer; 0: dense
+    inter: int = 0  # intermediate size of one expert
+    attention_class: str = "Attention"
+    moe_class: str = "SparseMoeBlock"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Geometry:
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise ValueError(f"unknown geometry keys {extra}")
+        return cls(**data)
+
+
+def positive(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A positive integer from config.json; ``default`` where the key is absent or null."""
+    value = cfg.get(key)
+    if value is None and default is not None:
+        return default
+    if key not in cfg:
+        raise MixedError(f"no {key!r}; the checkpoint's config.json is incomplete, restore it")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MixedError(f"{key!r} is {value!r}, not a positive integer; restore the checkpoint's config.json")
+    return value
+
+
+class ModelSpec:
+    """One architecture (a ``config.json`` ``architectures`` entry)."""
+
+    #: the ``architectures`` names this module reads
+    architectures: tuple[str, ...] = ()
+    #: config.json keys that must agree between sources of one model
+    model_keys: tuple[str, ...] = ()
+
+    def layers(self, cfg: dict[str, Any]) -> list[Layer]:
+        raise NotImplementedError
+
+    def geometry(self, cfg: dict[str, Any]) -> Geometry:
+        raise NotImplementedError
+
+    def reference_model(self, cfg: dict[str, Any], weights: dict[str, Any]) -> Any:
+        """transformers' own model class for this architecture in float32,
+        loaded with ``weights`` (checkpoint member name -> [out, in] tensor):
+        the independent reference of the tests and the GPU oracle."""
+        raise NotImplementedError

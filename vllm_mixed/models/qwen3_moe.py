@@ -1,0 +1,99 @@
+"""Qwen3-MoE (``Qwen3MoeForCausalLM``, e.g. Qwen3-30B-A3B, Qwen3-235B-A22B):
+every decoder layer is attention plus a routed MoE block (router ``mlp.gate``
+and ``num_experts`` experts, each gate/up/down)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_mixed.errors import MixedError
+from vllm_mixed.models.base import Geometry, Layer, Member, ModelSpec, positive
+
+__all__ = ["QWEN3_MOE"]
+
+
+class Qwen3Moe(ModelSpec):
+    architectures = ("Qwen3MoeForCausalLM",)
+    model_keys = (
+        "architectures", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "vocab_size", "tie_word_embeddings",
+    )  # fmt: skip
+
+    def geometry(self, cfg: dict[str, Any]) -> Geometry:
+        hidden, heads = positive(cfg, "hidden_size"), positive(cfg, "num_attention_heads")
+        return Geometry(
+            hidden=hidden, heads=heads, kv_heads=positive(cfg, "num_key_value_heads"),
+            head_dim=positive(cfg, "head_dim", hidden // heads), vocab=positive(cfg, "vocab_size"),
+            experts=positive(cfg, "num_experts"), inter=positive(cfg, "moe_intermediate_size"),
+            attention_class="Qwen3MoeAttention", moe_class="Qwen3MoeSparseMoeBlock",
+        )  # fmt: skip
+
+    def layers(self, cfg: dict[str, Any]) -> list[Layer]:
+        g = self.geometry(cfg)
+        hidden, vocab, head_dim, inter = g.hidden, g.vocab, g.head_dim, g.inter
+        if cfg.get("mlp_only_layers") or positive(cfg, "decoder_sparse_step", 1) != 1:
+            raise MixedError(
+                "Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported yet; "
+                "use a checkpoint in which every decoder layer is MoE"
+            )
+        layers = [
+            Layer("model.embed_tokens", "embedding", "embed_tokens", (Member("model.embed_tokens", (vocab, hidden)),), "vocab")
+        ]  # fmt: skip
+        for i in range(positive(cfg, "num_hidden_layers")):
+            p = f"model.layers.{i}"
+            attn = f"{p}.self_attn"
+            experts = tuple(
+                Member(f"{p}.mlp.experts.{e}.{proj}", shape)
+                for e in range(g.experts)
+                for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter)))
+            )  # fmt: skip
+            qkv = (
+                Member(f"{attn}.q_proj", (g.heads * head_dim, hidden)),
+                Member(f"{attn}.k_proj", (g.kv_heads * head_dim, hidden)),
+                Member(f"{attn}.v_proj", (g.kv_heads * head_dim, hidden)),
+            )
+            layers += [
+                _norm(f"{p}.input_layernorm", hidden),
+                Layer(f"{attn}.qkv_proj", "linear", "attention", qkv, "qkv"),
+                Layer(f"{attn}.o_proj", "linear", "attention", (Member(f"{attn}.o_proj", (hidden, g.heads * head_dim)),), "row"),
+                _norm(f"{attn}.q_norm", head_dim),
+                _norm(f"{attn}.k_norm", head_dim),
+                _norm(f"{p}.post_attention_layernorm", hidden),
+                Layer(f"{p}.mlp.gate", "router", "router", (Member(f"{p}.mlp.gate", (g.experts, hidden)),), "replicated"),
+                Layer(f"{p}.mlp.experts", "experts", "experts", experts, "experts"),
+            ]  # fmt: skip
+        layers.append(_norm("model.norm", hidden))
+        if not cfg.get("tie_word_embeddings", False):
+            layers.append(Layer("lm_head", "lm_head", "lm_head", (Member("lm_head", (vocab, hidden)),), "vocab"))
+        return layers
+
+    def reference_model(self, cfg: dict[str, Any], weights: dict[str, Any]) -> Any:
+        import torch
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config = Qwen3MoeConfig(
+            **{k: v for k, v in cfg.items() if k not in ("quantization_config", "torch_dtype", "dtype")}
+        )
+        config._attn_implementation = "eager"
+        model = Qwen3MoeForCausalLM(config).to(torch.float32).eval()
+        state = {}
+        for name in model.state_dict():
+            if name.endswith("mlp.experts.gate_up_proj"):  # transformers >= 5 fuses the experts
+                p = name.removesuffix(".gate_up_proj")
+                state[name] = torch.stack(
+                    [torch.cat([weights[f"{p}.{e}.gate_proj"], weights[f"{p}.{e}.up_proj"]]) for e in range(cfg["num_experts"])]
+                )  # fmt: skip
+            elif name.endswith("mlp.experts.down_proj"):
+                p = name.removesuffix(".down_proj")
+                state[name] = torch.stack([weights[f"{p}.{e}.down_proj"] for e in range(cfg["num_experts"])])
+            else:
+                state[name] = weights[name.removesuffix(".weight")]
+        model.load_state_dict(state, strict=True)
+        return model
+
+
+def _norm(name: str, size: int) -> Layer:
+    return Layer(name, "norm", "norms", (Member(name, (size,)),), "norm")
+
+
+QWEN3_MOE = Qwen3Moe()
