@@ -10,6 +10,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vllm_mixed", "vllm_mixed.*"]),
+    package_data={"vllm_mixed.testing.published": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
