@@ -17,7 +17,6 @@ fail there (``PackageNotFoundError: vllm``), so every platform uses this entry.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOAD_NOTES", "WEIGHT_NOTES", "BenchRow", "BenchSettings", "LogFacts", "bench_plans", "choose_load",
-    "choose_weight", "cpu_resident_bytes", "parse_log", "run_bench", "run_row",
+    "choose_weight", "parse_log", "run_bench", "run_row",
 ]  # fmt: skip
 
 TAIL_LINES = 40
@@ -114,7 +113,7 @@ class BenchRow:
     weight_bytes: int
     weight_from: str  # "vllm": measured by vLLM; "plan": the planned checkpoint bytes
     planned_bytes: int
-    resident_bytes: int | None  # CPU build: the dequantized footprint actually held
+    resident_bytes: int | None  # CPU build: what it holds (native layers packed, dequantized ones in float)
     load_s: float | None
     load_from: str | None  # "vllm-mixed loader", "vllm loader" or "vllm model runner"
     platform: str | None
@@ -247,7 +246,12 @@ def run_row(name: str, source: str | None, plan: LoadPlan, work: Path, flags: li
     if rc != 0 or facts.output_tok_s is None:
         why = f"exited with status {rc}" if rc else "printed no 'Throughput:' line"
         raise MixedError(f"row {name!r}: vLLM's benchmark {why}; full log: {log}{_tail(text)}")
-    resident = cpu_resident_bytes(plan) if facts.platform == "cpu" else None
+    if facts.platform == "cpu":
+        from vllm_mixed.cpu_kernels import cpu_resident_bytes
+
+        resident = cpu_resident_bytes(plan)
+    else:
+        resident = None
     (weight, weight_from), (load_s, load_from) = choose_weight(facts, plan.total_bytes), choose_load(facts)
     return BenchRow(
         name=name, source=source, model=str(model), log=str(log), wall_s=round(wall, 1),
@@ -281,12 +285,6 @@ def choose_load(facts: LogFacts) -> tuple[float | None, str | None]:
 def _tail(text: str) -> str:
     lines = text.rstrip().splitlines()[-TAIL_LINES:]
     return f"\n--- last {len(lines)} lines ---\n" + "\n".join(line[-400:] for line in lines)
-
-
-def cpu_resident_bytes(plan: LoadPlan) -> int:
-    """What the CPU build holds when it dequantizes every weight to the model dtype."""
-    elements = sum(math.prod(m.shape) for p in plan.layers for m in p.layer.members)
-    return elements * (2 if plan.recipe.dtype in ("bfloat16", "float16") else 4)
 
 
 # --- the driver: vLLM's own `bench throughput` -----------------------------------------------------------------------

@@ -11,13 +11,17 @@ has the kernels) and for comparing the two paths.
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm_mixed.formats import get_format
 
-__all__ = ["FALLBACK_ENV", "cpu_fallback_reason", "cpu_method_name"]
+if TYPE_CHECKING:
+    from vllm_mixed.plan import LoadPlan
+
+__all__ = ["FALLBACK_ENV", "cpu_fallback_reason", "cpu_method_name", "cpu_resident_bytes"]
 
 FALLBACK_ENV = "VLLM_MIXED_CPU_FALLBACK"
 FALLBACK_METHODS = {"linear": "DequantFallbackLinearMethod", "experts": "DequantFallbackMoEMethod"}
@@ -46,3 +50,17 @@ def cpu_method_name(fmt: str, kind: str, quant_config: dict[str, Any] | None) ->
     if cpu_fallback_reason(fmt, kind, quant_config) is not None:
         return FALLBACK_METHODS[kind]
     return moe if kind == "experts" else linear
+
+
+def cpu_resident_bytes(plan: LoadPlan) -> int:
+    """The weight bytes the CPU build holds for a plan: a layer vLLM runs
+    natively keeps the bytes the plan reads for it, a dequantized one (and
+    every float layer) its elements in the model dtype."""
+    itemsize = 2 if plan.recipe.dtype in ("bfloat16", "float16") else 4
+    total = 0
+    for p in plan.layers:
+        native = (
+            p.fmt.quantized and cpu_fallback_reason(p.format, p.layer.kind, plan.sources[p.source].quant_config) is None
+        )
+        total += p.nbytes if native else itemsize * sum(math.prod(m.shape) for m in p.layer.members)
+    return total

@@ -137,8 +137,8 @@ def _report(rows: list[BenchRow], flags: list[str], plot: str | None, backend: s
     if resident:
         shown = ", ".join(human(b) for b in sorted(resident))
         lines.append(
-            f"resident on the CPU build: {shown} per row: quantized layers are dequantized to the model dtype at load, "
-            "so every row holds the bf16 footprint and runs the same bf16 kernels (throughput differences are noise)"
+            f"resident on the CPU build: {shown} per row: layers vLLM's CPU build has kernels for stay packed, the "
+            "others are dequantized to the model dtype at load (rows then run the same float kernels there)"
         )
     for f in sorted({r.load_from for r in rows if r.load_from}):
         lines.append(f"load s ({f}): {LOAD_NOTES[f]}")

@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from vllm_mixed.bench import cpu_resident_bytes
     from vllm_mixed.composition import Composition
+    from vllm_mixed.cpu_kernels import cpu_resident_bytes
     from vllm_mixed.errors import MixedError
     from vllm_mixed.plan import build_plan
     from vllm_mixed.text import human, table
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if is_cpu():
         size = cpu_resident_bytes(plan)
         print(
-            f"resident on this CPU: {size} B ({human(size)}): the CPU build dequantizes to {plan.recipe.dtype} at load"
+            f"resident on this CPU: {size} B ({human(size)}): vLLM's CPU kernels keep their layers packed, the "
+            f"layers they have none for are dequantized to {plan.recipe.dtype} at load (the load log names each)"
         )
     return 0
