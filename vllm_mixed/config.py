@@ -49,10 +49,7 @@ class MixedPrecisionConfig(QuantizationConfig):
             for name, src in composition.sources.items():
                 fmt = get_format(src.format)
                 if fmt.quantized and src.quantization_config:
-                    native = fmt.vllm_config(src.quantization_config, composition.quantized_modules(name))
-                    # share (not copy) the mapping the model fills in at init
-                    native.packed_modules_mapping = self.packed_modules_mapping
-                    self.native[name] = native
+                    self.native[name] = fmt.vllm_config(src.quantization_config, composition.quantized_modules(name))
         self._logged: set[tuple[str, str, str]] = set()
         self._shards_checked: set[Any] = set()
 
@@ -117,8 +114,11 @@ class MixedPrecisionConfig(QuantizationConfig):
             qc = self.composition.sources[source].quantization_config or {}
             why = cpu_fallback_reason(name, "experts" if experts else "linear", qc) if is_cpu() else None
             if why is None:
+                native = self.native[source]
+                # the model's fused-module mapping: SupportsQuant models fill this config's dict, others replace it
+                native.packed_modules_mapping = self.packed_modules_mapping
                 try:
-                    method = self.native[source].get_quant_method(layer, prefix)
+                    method = native.get_quant_method(layer, prefix)
                 except NotImplementedError as exc:  # vLLM found no kernel (e.g. its CPU WNA16 MoE oracle)
                     if not is_cpu():
                         raise

@@ -18,59 +18,14 @@ import torch
 
 from vllm_mixed.checkpoint_writer import write_checkpoint
 from vllm_mixed.formats import TINY_FORMATS, UNQUANTIZED, Format
-from vllm_mixed.models import Layer, layers_for
+from vllm_mixed.models import Layer, ModelSpec, layers_for, model_named
+from vllm_mixed.models.qwen3_moe import QWEN3_MOE
 
-__all__ = ["TINY_CONFIG", "checkpoint_config", "checkpoint_tensors", "encode_member", "init_weight", "make_tiny"]
+__all__ = [
+    "TINY_CONFIG", "checkpoint_config", "checkpoint_tensors", "encode_member", "init_weight", "make_tiny", "recipe_text",
+]  # fmt: skip
 
-TINY_CONFIG: dict[str, Any] = {
-    "architectures": ["Qwen3MoeForCausalLM"],
-    "model_type": "qwen3_moe",
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-    "decoder_sparse_step": 1,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "hidden_size": 256,
-    "initializer_range": 0.02,
-    "intermediate_size": 512,
-    "max_position_embeddings": 2048,
-    "max_window_layers": 2,
-    "mlp_only_layers": [],
-    "moe_intermediate_size": 256,
-    "norm_topk_prob": True,
-    "num_attention_heads": 4,
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
-    "num_hidden_layers": 2,
-    "num_key_value_heads": 2,
-    "output_router_logits": False,
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": None,
-    "rope_theta": 1000000.0,
-    "router_aux_loss_coef": 0.001,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "use_sliding_window": False,
-    "vocab_size": 1024,
-}
-
-RECIPE = """\
-# Tiny Qwen3-MoE mix: experts from the GPTQ int4 checkpoint, everything else BF16.
-sources:
-  bf16: bf16
-  fp8: fp8
-  int4: gptq-int4
-base: bf16
-default: bf16
-dtype: bfloat16
-rules:
-  - targets: ["model.layers.*.mlp.experts"]
-    source: int4
-"""
+TINY_CONFIG: dict[str, Any] = QWEN3_MOE.tiny_config  # the default tiny model
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A mixture of experts routes each token to a few experts.
@@ -166,18 +121,41 @@ def write_tokenizer(directory: Path) -> None:
     )
 
 
-def make_tiny(directory: str | Path, seed: int = 0, shard_bytes: int = 2 * 2**20) -> dict[str, Path]:
-    """Write ``DIR/{bf16,fp8,gptq-int4}`` (one directory per format of
-    ``TINY_FORMATS``) and ``DIR/recipe.yaml``."""
+def recipe_text(spec: ModelSpec, formats: tuple[Format, ...]) -> str:
+    """The tiny model's recipe: the architecture's mix over the written
+    formats (rules whose source was not written are left out)."""
+    names = {f.tiny.source for f in formats}
+    base = UNQUANTIZED.tiny.source if UNQUANTIZED in formats else formats[0].tiny.source
+    rules = [r for r in spec.tiny_rules if r["source"] in names]
+    lines = [
+        f"# Tiny {spec.architectures[0]}: "
+        + ("; ".join(f"{', '.join(r['targets'])} from {r['source']}" for r in rules) or "one source")
+        + f", everything else {base}."
+    ]
+    lines += ["sources:", *(f"  {f.tiny.source}: {f.tiny.directory}" for f in formats)]
+    lines += [f"base: {base}", f"default: {base}", "dtype: bfloat16", "rules:" if rules else "rules: []"]
+    for r in rules:
+        lines += [f"  - targets: {json.dumps(r['targets'])}", f"    source: {r['source']}"]
+    return "\n".join(lines) + "\n"
+
+
+def make_tiny(
+    directory: str | Path, seed: int = 0, shard_bytes: int = 2 * 2**20, arch: str | None = None,
+    formats: tuple[Format, ...] = TINY_FORMATS,
+) -> dict[str, Path]:  # fmt: skip
+    """Write one directory per format (``DIR/bf16``, ``DIR/fp8``,
+    ``DIR/gptq-int4`` by default) of a tiny random model of ``arch`` (a
+    ``make-tiny --arch`` name; default Qwen3-MoE), and ``DIR/recipe.yaml``."""
     root = Path(directory)
-    cfg = dict(TINY_CONFIG)
+    spec = model_named(arch) if arch else QWEN3_MOE
+    cfg = dict(spec.tiny_config)
     master = master_weights(cfg, seed)
     dirs = {}
-    for fmt in TINY_FORMATS:
+    for fmt in formats:
         out = root / fmt.tiny.directory
         write_checkpoint(out, checkpoint_tensors(cfg, master, fmt), checkpoint_config(cfg, fmt), shard_bytes)
         write_tokenizer(out)
         dirs[fmt.tiny.directory] = out
-    (root / "recipe.yaml").write_text(RECIPE)
+    (root / "recipe.yaml").write_text(recipe_text(spec, formats))
     dirs["recipe"] = root / "recipe.yaml"
     return dirs

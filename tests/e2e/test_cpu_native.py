@@ -12,6 +12,7 @@ import random
 import shutil
 
 import pytest
+import yaml
 
 from tests.e2e.conftest import run_vllm, write_recipe
 from vllm_mixed.checkpoint_writer import write_checkpoint
@@ -32,11 +33,10 @@ EXPERTS = ["model.layers.*.mlp.experts"]
 
 
 def recipe(tiny_dirs, tmp_path, name, default, rules):
-    path = write_recipe(tiny_dirs, "mix", tmp_path)
-    text = path.read_text().split("default:")[0]  # same sources and base as every e2e recipe
-    import yaml
-
-    data = yaml.safe_load(text) | {"default": default, "dtype": "bfloat16", "rules": rules}
+    """A recipe over the three tiny checkpoints (base bf16)."""
+    dirs = {"bf16": "bf16", "fp8": "fp8", "int4": "gptq-int4"}
+    data = {"sources": {n: str(tiny_dirs / d) for n, d in dirs.items()}, "base": "bf16", "default": default,
+            "dtype": "bfloat16", "rules": rules}  # fmt: skip
     out = tmp_path / f"{name}.yaml"
     out.write_text(yaml.safe_dump(data))
     return out

@@ -1,5 +1,6 @@
-"""``vllm-mixed make-tiny DIR``: a tiny random Qwen3-MoE in the three
-published formats plus a recipe."""
+"""``vllm-mixed make-tiny DIR [--arch NAME] [--formats LIST]``: a tiny random
+model of a supported architecture in published checkpoint formats plus a
+recipe (default: Qwen3-MoE in bf16, fp8 and gptq-int4)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,36 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "make-tiny", help="write a tiny random Qwen3-MoE in the three published formats plus a recipe"
+        "make-tiny", help="write a tiny random model in published checkpoint formats plus a recipe"
     )
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", help="architecture (default qwen3-moe); an unknown name lists the supported ones")
+    p.add_argument(
+        "--formats", help="comma-separated formats to write, by format name or directory (default: bf16,fp8,gptq-int4)"
+    )
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from vllm_mixed.errors import MixedError
+    from vllm_mixed.formats import FORMATS, TINY_FORMATS
     from vllm_mixed.tiny import make_tiny
 
-    dirs = make_tiny(args.dir, seed=args.seed)
+    formats = TINY_FORMATS
+    if args.formats:
+        known = {f.name: f for f in FORMATS.values() if f.tiny} | {
+            f.tiny.directory: f for f in FORMATS.values() if f.tiny
+        }
+        wanted = [w.strip() for w in args.formats.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in known]
+        if unknown or not wanted:
+            raise MixedError(
+                f"--formats {args.formats!r}: unknown {unknown or 'empty list'}; use any of: {', '.join(sorted(known))}"
+            )
+        formats = tuple(dict.fromkeys(known[w] for w in wanted))
+    dirs = make_tiny(args.dir, seed=args.seed, arch=args.arch, formats=formats)
     for name, path in dirs.items():
         print(f"{name:10s} {path}")
     return 0

@@ -70,11 +70,13 @@ class ExpertParam:
 @dataclass(frozen=True)
 class TinyLayout:
     """How ``make-tiny`` writes a checkpoint of this format: directory name,
-    the published ``quantization_config`` and the dtype of its float tensors."""
+    the published ``quantization_config``, the dtype of its float tensors and
+    the source name its recipe gives it."""
 
     directory: str
     quant_config: QuantConfig
     float_dtype: str
+    source: str
 
 
 @dataclass(frozen=True)

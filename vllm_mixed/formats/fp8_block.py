@@ -52,7 +52,7 @@ def expand_block_scale(
 class Fp8Block(Format):
     name = "fp8_block"
     description = "fp8 with weight_block_size"
-    tiny = TinyLayout("fp8", FP8_QUANT_CONFIG, "bfloat16")
+    tiny = TinyLayout("fp8", FP8_QUANT_CONFIG, "bfloat16", "fp8")
 
     def claims(self, quant_config: dict[str, Any]) -> bool:
         return str(quant_config.get("quant_method", "")).lower() == "fp8"

@@ -111,7 +111,7 @@ def group_size(quant_config: dict[str, Any] | None) -> int:
 class GptqInt4(Format):
     name = "gptq_int4"
     description = "gptq (4-bit)"
-    tiny = TinyLayout("gptq-int4", GPTQ_QUANT_CONFIG, "float16")
+    tiny = TinyLayout("gptq-int4", GPTQ_QUANT_CONFIG, "float16", "int4")
 
     def claims(self, quant_config: dict[str, Any]) -> bool:
         return str(quant_config.get("quant_method", "")).lower() in ("gptq", "gptq_marlin", "auto_gptq")
@@ -229,6 +229,7 @@ class GptqInt4(Format):
 
         g = group_size(quant_config)
         sym = bool(quant_config.get("sym", True))
+        # a representative shape: the CPU kernels' checks that depend on it (K, N % 32) hold for real models
         config = MPLinearLayerConfig(
             full_weight_shape=(4096, 4096),
             partition_weight_shape=(4096, 4096),

@@ -22,7 +22,7 @@ class Unquantized(Format):
     name = "unquantized"
     quantized = False
     description = "none (unquantized)"
-    tiny = TinyLayout("bf16", None, "bfloat16")
+    tiny = TinyLayout("bf16", None, "bfloat16", "bf16")
 
     def precision(self, quant_config: dict[str, Any] | None, dtype: str = "bfloat16") -> str:
         return _LABEL.get(dtype, dtype)

@@ -10,6 +10,8 @@ from typing import Any
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.models.base import Geometry, Layer, Member, ModelSpec
+from vllm_mixed.models.llama import LLAMA
+from vllm_mixed.models.qwen3 import QWEN3
 from vllm_mixed.models.qwen3_moe import QWEN3_MOE
 
 __all__ = [
@@ -38,6 +40,16 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 register_model(QWEN3_MOE)
+register_model(LLAMA)
+register_model(QWEN3)
+
+
+def model_named(name: str) -> ModelSpec:
+    """The architecture ``make-tiny --arch`` calls ``name`` (e.g. ``llama``)."""
+    names = {spec.name: spec for spec in MODELS.values()}
+    if name not in names:
+        raise MixedError(f"--arch {name!r} is not a supported architecture; supported: {', '.join(sorted(names))}")
+    return names[name]
 
 
 def model_for(cfg: dict[str, Any], where: str) -> ModelSpec:

@@ -118,6 +118,13 @@ class ModelSpec:
 
     #: the ``architectures`` names this module reads
     architectures: tuple[str, ...] = ()
+    #: short name for ``make-tiny --arch``
+    name: str = ""
+    #: config.json of the tiny random model ``make-tiny`` writes (every GEMM
+    #: dimension a multiple of 128, also per rank at tensor-parallel size 2)
+    tiny_config: dict[str, Any] = {}
+    #: the rules of the tiny model's recipe (its mix)
+    tiny_rules: tuple[dict[str, Any], ...] = ()
     #: config.json keys that must agree between sources of one model
     model_keys: tuple[str, ...] = ()
 

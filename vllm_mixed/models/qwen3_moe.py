@@ -14,10 +14,47 @@ __all__ = ["QWEN3_MOE"]
 
 class Qwen3Moe(ModelSpec):
     architectures = ("Qwen3MoeForCausalLM",)
+    name = "qwen3-moe"
     model_keys = (
         "architectures", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
         "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "vocab_size", "tie_word_embeddings",
     )  # fmt: skip
+    tiny_config: dict[str, Any] = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "decoder_sparse_step": 1,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 256,
+        "initializer_range": 0.02,
+        "intermediate_size": 512,
+        "max_position_embeddings": 2048,
+        "max_window_layers": 2,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 256,
+        "norm_topk_prob": True,
+        "num_attention_heads": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 1024,
+    }
+    tiny_rules = ({"targets": ["model.layers.*.mlp.experts"], "source": "int4"},)
 
     def geometry(self, cfg: dict[str, Any]) -> Geometry:
         hidden, heads = positive(cfg, "hidden_size"), positive(cfg, "num_attention_heads")
