@@ -10,7 +10,10 @@ from typing import Any
 
 from vllm_mixed.errors import MixedError
 
-__all__ = ["Geometry", "Layer", "Member", "ModelSpec", "PARALLEL_STYLES", "positive"]
+__all__ = [
+    "Geometry", "Layer", "Member", "ModelSpec", "PARALLEL_STYLES", "attention_layers", "embedding_layer", "head_layers",
+    "norm_layer", "positive",
+]  # fmt: skip
 
 # how vLLM shards a layer over tensor-parallel ranks (its layer class)
 PARALLEL_STYLES = (
@@ -139,3 +142,43 @@ class ModelSpec:
         loaded with ``weights`` (checkpoint member name -> [out, in] tensor):
         the independent reference of the tests and the GPU oracle."""
         raise NotImplementedError
+
+
+# --- pieces every decoder-only table shares (vLLM's names) ------------------------------------------------------
+
+
+def norm_layer(name: str, size: int) -> Layer:
+    return Layer(name, "norm", "norms", (Member(name, (size,)),), "norm")
+
+
+def embedding_layer(g: Geometry) -> Layer:
+    return Layer(
+        "model.embed_tokens", "embedding", "embed_tokens", (Member("model.embed_tokens", (g.vocab, g.hidden)),), "vocab"
+    )
+
+
+def attention_layers(attn: str, g: Geometry, qk_norm: bool) -> list[Layer]:
+    """``{attn}.qkv_proj`` (fusing q/k/v), ``{attn}.o_proj`` and, with
+    ``qk_norm`` (Qwen3), the per-head ``q_norm``/``k_norm``."""
+    hidden, head_dim = g.hidden, g.head_dim
+    qkv = (
+        Member(f"{attn}.q_proj", (g.heads * head_dim, hidden)),
+        Member(f"{attn}.k_proj", (g.kv_heads * head_dim, hidden)),
+        Member(f"{attn}.v_proj", (g.kv_heads * head_dim, hidden)),
+    )
+    o_proj = (Member(f"{attn}.o_proj", (hidden, g.heads * head_dim)),)
+    out = [
+        Layer(f"{attn}.qkv_proj", "linear", "attention", qkv, "qkv"),
+        Layer(f"{attn}.o_proj", "linear", "attention", o_proj, "row"),
+    ]
+    if qk_norm:
+        out += [norm_layer(f"{attn}.q_norm", head_dim), norm_layer(f"{attn}.k_norm", head_dim)]
+    return out
+
+
+def head_layers(cfg: dict[str, Any], g: Geometry) -> list[Layer]:
+    """``model.norm`` and, unless the embeddings are tied, ``lm_head``."""
+    out = [norm_layer("model.norm", g.hidden)]
+    if not cfg.get("tie_word_embeddings", False):
+        out.append(Layer("lm_head", "lm_head", "lm_head", (Member("lm_head", (g.vocab, g.hidden)),), "vocab"))
+    return out

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_mixed.models.base import Geometry, Layer, Member, ModelSpec, positive
+from vllm_mixed.models.base import (
+    Geometry,
+    Layer,
+    Member,
+    ModelSpec,
+    attention_layers,
+    embedding_layer,
+    head_layers,
+    norm_layer,
+    positive,
+)  # fmt: skip
 
 __all__ = ["LLAMA", "Llama"]
 
@@ -40,35 +50,20 @@ class Llama(ModelSpec):
 
     def layers(self, cfg: dict[str, Any]) -> list[Layer]:
         g = self.geometry(cfg)
-        hidden, head_dim, inter = g.hidden, g.head_dim, positive(cfg, "intermediate_size")
-        layers = [
-            Layer("model.embed_tokens", "embedding", "embed_tokens", (Member("model.embed_tokens", (g.vocab, hidden)),), "vocab")
-        ]  # fmt: skip
+        hidden, inter = g.hidden, positive(cfg, "intermediate_size")
+        layers = [embedding_layer(g)]
         for i in range(positive(cfg, "num_hidden_layers")):
             p = f"model.layers.{i}"
-            attn, mlp = f"{p}.self_attn", f"{p}.mlp"
-            qkv = (
-                Member(f"{attn}.q_proj", (g.heads * head_dim, hidden)),
-                Member(f"{attn}.k_proj", (g.kv_heads * head_dim, hidden)),
-                Member(f"{attn}.v_proj", (g.kv_heads * head_dim, hidden)),
-            )
-            layers += [
-                _norm(f"{p}.input_layernorm", hidden),
-                Layer(f"{attn}.qkv_proj", "linear", "attention", qkv, "qkv"),
-                Layer(f"{attn}.o_proj", "linear", "attention", (Member(f"{attn}.o_proj", (hidden, g.heads * head_dim)),), "row"),
-            ]  # fmt: skip
-            if self.qk_norm:
-                layers += [_norm(f"{attn}.q_norm", head_dim), _norm(f"{attn}.k_norm", head_dim)]
+            mlp = f"{p}.mlp"
             gate_up = (Member(f"{mlp}.gate_proj", (inter, hidden)), Member(f"{mlp}.up_proj", (inter, hidden)))
             layers += [
-                _norm(f"{p}.post_attention_layernorm", hidden),
+                norm_layer(f"{p}.input_layernorm", hidden),
+                *attention_layers(f"{p}.self_attn", g, self.qk_norm),
+                norm_layer(f"{p}.post_attention_layernorm", hidden),
                 Layer(f"{mlp}.gate_up_proj", "linear", "mlp", gate_up, "column"),
                 Layer(f"{mlp}.down_proj", "linear", "mlp", (Member(f"{mlp}.down_proj", (hidden, inter)),), "row"),
             ]
-        layers.append(_norm("model.norm", hidden))
-        if not cfg.get("tie_word_embeddings", False):
-            layers.append(Layer("lm_head", "lm_head", "lm_head", (Member("lm_head", (g.vocab, hidden)),), "vocab"))
-        return layers
+        return layers + head_layers(cfg, g)
 
     def reference_model(self, cfg: dict[str, Any], weights: dict[str, Any]) -> Any:
         import torch
@@ -88,10 +83,6 @@ class Llama(ModelSpec):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         return LlamaConfig, LlamaForCausalLM
-
-
-def _norm(name: str, size: int) -> Layer:
-    return Layer(name, "norm", "norms", (Member(name, (size,)),), "norm")
 
 
 LLAMA = Llama()

@@ -7,7 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_mixed.errors import MixedError
-from vllm_mixed.models.base import Geometry, Layer, Member, ModelSpec, positive
+from vllm_mixed.models.base import (
+    Geometry,
+    Layer,
+    Member,
+    ModelSpec,
+    attention_layers,
+    embedding_layer,
+    head_layers,
+    norm_layer,
+    positive,
+)  # fmt: skip
 
 __all__ = ["QWEN3_MOE"]
 
@@ -67,42 +77,28 @@ class Qwen3Moe(ModelSpec):
 
     def layers(self, cfg: dict[str, Any]) -> list[Layer]:
         g = self.geometry(cfg)
-        hidden, vocab, head_dim, inter = g.hidden, g.vocab, g.head_dim, g.inter
+        hidden, inter = g.hidden, g.inter
         if cfg.get("mlp_only_layers") or positive(cfg, "decoder_sparse_step", 1) != 1:
             raise MixedError(
                 "Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported yet; "
                 "use a checkpoint in which every decoder layer is MoE"
             )
-        layers = [
-            Layer("model.embed_tokens", "embedding", "embed_tokens", (Member("model.embed_tokens", (vocab, hidden)),), "vocab")
-        ]  # fmt: skip
+        layers = [embedding_layer(g)]
         for i in range(positive(cfg, "num_hidden_layers")):
             p = f"model.layers.{i}"
-            attn = f"{p}.self_attn"
             experts = tuple(
                 Member(f"{p}.mlp.experts.{e}.{proj}", shape)
                 for e in range(g.experts)
                 for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter)))
             )  # fmt: skip
-            qkv = (
-                Member(f"{attn}.q_proj", (g.heads * head_dim, hidden)),
-                Member(f"{attn}.k_proj", (g.kv_heads * head_dim, hidden)),
-                Member(f"{attn}.v_proj", (g.kv_heads * head_dim, hidden)),
-            )
             layers += [
-                _norm(f"{p}.input_layernorm", hidden),
-                Layer(f"{attn}.qkv_proj", "linear", "attention", qkv, "qkv"),
-                Layer(f"{attn}.o_proj", "linear", "attention", (Member(f"{attn}.o_proj", (hidden, g.heads * head_dim)),), "row"),
-                _norm(f"{attn}.q_norm", head_dim),
-                _norm(f"{attn}.k_norm", head_dim),
-                _norm(f"{p}.post_attention_layernorm", hidden),
+                norm_layer(f"{p}.input_layernorm", hidden),
+                *attention_layers(f"{p}.self_attn", g, qk_norm=True),
+                norm_layer(f"{p}.post_attention_layernorm", hidden),
                 Layer(f"{p}.mlp.gate", "router", "router", (Member(f"{p}.mlp.gate", (g.experts, hidden)),), "replicated"),
                 Layer(f"{p}.mlp.experts", "experts", "experts", experts, "experts"),
             ]  # fmt: skip
-        layers.append(_norm("model.norm", hidden))
-        if not cfg.get("tie_word_embeddings", False):
-            layers.append(Layer("lm_head", "lm_head", "lm_head", (Member("lm_head", (vocab, hidden)),), "vocab"))
-        return layers
+        return layers + head_layers(cfg, g)
 
     def reference_model(self, cfg: dict[str, Any], weights: dict[str, Any]) -> Any:
         import torch
@@ -127,10 +123,6 @@ class Qwen3Moe(ModelSpec):
                 state[name] = weights[name.removesuffix(".weight")]
         model.load_state_dict(state, strict=True)
         return model
-
-
-def _norm(name: str, size: int) -> Layer:
-    return Layer(name, "norm", "norms", (Member(name, (size,)),), "norm")
 
 
 QWEN3_MOE = Qwen3Moe()
