@@ -26,11 +26,18 @@ REQUEST = {"teacher": TEACHER, "greedy": TEACHER[:2], "max_tokens": 12}
 MLP = ["model.layers.*.mlp.gate_up_proj", "model.layers.*.mlp.down_proj"]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
-def tiny_arch(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    make_tiny(root, arch=request.param)
-    return request.param, root
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """``make-tiny --arch NAME`` output per architecture, written once."""
+    made: dict[str, object] = {}
+
+    def root(arch: str):
+        if arch not in made:
+            made[arch] = tmp_path_factory.mktemp(arch)
+            make_tiny(made[arch], arch=arch)
+        return made[arch]
+
+    return root
 
 
 def plan_of(root, tmp_path, default, rules=()):
@@ -50,15 +57,14 @@ def max_gap(a, b):
     return gap
 
 
-@pytest.mark.parametrize("source,directory", [("bf16", "bf16"), ("int4", "gptq-int4")])
-def test_pure_recipe_equals_stock_vllm(tiny_arch, tmp_path, source, directory):
-    arch, root = tiny_arch
+# Qwen3's bf16 path is the Llama one; its difference (q/k norms) is covered by its int4 and mix runs
+@pytest.mark.parametrize(
+    "arch,source,directory", [("llama", "bf16", "bf16"), ("llama", "int4", "gptq-int4"), ("qwen3", "int4", "gptq-int4")]
+)
+def test_pure_recipe_equals_stock_vllm(tiny_root, tmp_path, arch, source, directory):
+    root = tiny_root(arch)
     if source == "int4" and (why := cpu_fallback_reason("gptq_int4", "linear", GPTQ_QUANT_CONFIG)):
         pytest.skip(f"stock vLLM has no CPU int4 GEMM here: {why}")
-    if arch == "qwen3" and source == "bf16":
-        pytest.skip(
-            "the bf16 path is the Llama one; Qwen3's difference (q/k norms) is covered by its int4 and mix runs"
-        )
     plan = plan_of(root, tmp_path, source)
     mixed = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
     stock = run_vllm(root / directory, "auto", REQUEST, tmp_path / "stock")
@@ -66,11 +72,13 @@ def test_pure_recipe_equals_stock_vllm(tiny_arch, tmp_path, source, directory):
     assert max_gap(mixed, stock) <= 1e-5
 
 
-@pytest.mark.parametrize("default,rules", [("bf16", [{"targets": MLP, "source": "int4"}]), ("fp8", [])])
-def test_recipe_matches_transformers_reference(tiny_arch, tmp_path, default, rules):
-    arch, root = tiny_arch
-    if arch == "qwen3" and default == "fp8":
-        pytest.skip("all-FP8 is checked on the Llama model; the FP8 path does not depend on the architecture")
+MIX = [{"targets": MLP, "source": "int4"}]
+
+
+# all-FP8 on the Llama model only: the FP8 path does not depend on the architecture
+@pytest.mark.parametrize("arch,default,rules", [("llama", "bf16", MIX), ("llama", "fp8", []), ("qwen3", "bf16", MIX)])
+def test_recipe_matches_transformers_reference(tiny_root, tmp_path, arch, default, rules):
+    root = tiny_root(arch)
     plan = plan_of(root, tmp_path, default, rules)
     result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
     model = hf_model(plan)
