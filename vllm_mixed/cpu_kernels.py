@@ -43,13 +43,13 @@ def _reason(fmt: str, kind: str, quant_config: str) -> str | None:
 
 
 def cpu_method_name(fmt: str, kind: str, quant_config: dict[str, Any] | None) -> str:
-    """The method the CPU build runs for a layer (what ``plan`` shows)."""
-    linear, moe = get_format(fmt).vllm_methods()
-    if kind not in FALLBACK_METHODS:
-        return linear if kind == "router" else "-"
-    if cpu_fallback_reason(fmt, kind, quant_config) is not None:
+    """The method the CPU build runs for a layer (what ``plan`` shows):
+    vLLM's own (``plan.predicted_methods``) unless the layer falls back."""
+    from vllm_mixed.plan import predicted_methods
+
+    if kind in FALLBACK_METHODS and cpu_fallback_reason(fmt, kind, quant_config) is not None:
         return FALLBACK_METHODS[kind]
-    return moe if kind == "experts" else linear
+    return predicted_methods(kind, fmt)[1]
 
 
 def cpu_resident_bytes(plan: LoadPlan) -> int:
