@@ -34,14 +34,14 @@ TEACHER = [[_rng.randrange(3, 1000) for _ in range(40)] for _ in range(3)]
 MAX_TOKENS = 32
 
 
-def child(model: str, load_format: str, out: str, tp: str = "1") -> None:
+def child(model: str, load_format: str, out: str, tp: str = "1", moe_backend: str = "auto") -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
     llm = LLM(model=model, load_format=load_format, dtype="bfloat16", enforce_eager=True, attention_backend="TRITON_ATTN",
               max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.08, seed=0, skip_tokenizer_init=True,
-              tensor_parallel_size=int(tp))  # fmt: skip
+              tensor_parallel_size=int(tp), moe_backend=moe_backend)  # fmt: skip
     init = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], sp, use_tqdm=False)
@@ -59,11 +59,12 @@ def child(model: str, load_format: str, out: str, tp: str = "1") -> None:
     os._exit(0)
 
 
-def run(name: str, model: Path, load_format: str, out_dir: Path, tp: int = 1) -> dict:
+def run(name: str, model: Path, load_format: str, out_dir: Path, tp: int = 1, moe_backend: str = "auto") -> dict:
     out = out_dir / f"{name}.json"
     log = out_dir / f"{name}.log"
     t0 = time.perf_counter()
-    rc = run_isolated([sys.executable, __file__, "--child", str(model), load_format, str(out), str(tp)], log, 400)
+    argv = [sys.executable, __file__, "--child", str(model), load_format, str(out), str(tp), moe_backend]
+    rc = run_isolated(argv, log, 400)
     rc = "timeout" if rc is None else rc
     text = log.read_text()
     if rc != 0 or not out.exists():
@@ -74,13 +75,28 @@ def run(name: str, model: Path, load_format: str, out_dir: Path, tp: int = 1) ->
     res["wall_s"] = time.perf_counter() - t0
     res["methods"] = sorted(set(re.findall(r"vllm-mixed: (.+? via \w+)", text)))
     res["kernels"] = sorted(set(re.findall(r"(Using \w+(?: \w+)? (?:for|kernel|backend)[^\n]*)", text)))[:12]
+    res["moe_backends"] = sorted(set(re.findall(r"Using '(\w+)' (?:WNA16|Fp8) MoE backend", text)))
+    res["moe_choices"] = sorted(set(re.findall(r"\[moe backend ([^\]]+)\]", text)))
     print(f"[{name}] ok init {res['init_s']:.1f}s", flush=True)
     return res
 
 
-def tiny_plans(work: Path, recipes: dict[str, tuple[str, list]]) -> dict:
+def plugin_backend(format_name: str) -> str:
+    """The MoE backend the plugin asks for this format's experts on this GPU
+    (``kernel_choice``'s measured table), for the stock run it is compared with."""
+    import torch
+
+    from vllm_mixed.formats import get_format
+    from vllm_mixed.vllm_compat import moe_backend_available
+
+    major, minor = torch.cuda.get_device_capability()
+    name = get_format(format_name).moe_kernels.get(10 * major + minor)
+    return name if name and moe_backend_available(name) else "auto"
+
+
+def tiny_plans(work: Path, recipes: dict[str, tuple]) -> dict:
     """Write the tiny model under ``work/tiny`` and each recipe (name ->
-    (default source, rules)) over its three checkpoints; their plans."""
+    (default source, rules[, kernels])) over its three checkpoints; their plans."""
     import yaml
 
     from vllm_mixed.plan import build_plan
@@ -90,9 +106,11 @@ def tiny_plans(work: Path, recipes: dict[str, tuple[str, list]]) -> dict:
     make_tiny(work / "tiny")
     src = {"bf16": str(work / "tiny/bf16"), "fp8": str(work / "tiny/fp8"), "int4": str(work / "tiny/gptq-int4")}
     plans = {}
-    for name, (default, rules) in recipes.items():
+    for name, (default, rules, *kernels) in recipes.items():
         path = work / f"{name}.yaml"
         body = {"sources": src, "base": "bf16", "default": default, "dtype": "bfloat16", "rules": rules}
+        if kernels:
+            body["kernels"] = kernels[0]
         path.write_text(yaml.safe_dump(body))
         plans[name] = build_plan(load_recipe(path))
     return plans
@@ -113,6 +131,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/vllm-mixed-oracle")
+    ap.add_argument("--kernels", action="store_true",
+                    help="the MoE-backend choice check instead: the plugin's per-format choice, a recipe override and "
+                    "the user's --moe-backend, each against stock vLLM on the same backend")  # fmt: skip
     ap.add_argument("--tp", type=int, default=1, help="N > 1: the tensor-parallel check instead (mix at TP 1 vs N)")
     ap.add_argument("--tp-recipes", default="tp1,mix,mix-export,all-int4",
                     help="recipes run at TP N and their stock oracles; tp1: the mix at TP 1 too; mix-export: the "
@@ -129,15 +150,22 @@ def main() -> None:
         "all-int4": ("int4", []),
         "mix": ("bf16", [{"targets": ["model.layers.*.mlp.experts"], "source": "int4"}]),
     }
+    if args.kernels:
+        recipes |= KERNEL_RECIPES
     plans = tiny_plans(work, recipes)
     composed = {name: compose(plan, work / name) for name, plan in plans.items()}
 
+    if args.kernels:
+        return kernel_check(work, composed, plans, out_dir, final)
     if args.tp > 1:
         return tp_check(args.tp, args.tp_recipes.split(","), work, composed, plans, out_dir, final)
     results = {
         "stock-bf16": run("stock-bf16", work / "tiny/bf16", "auto", out_dir),
         "stock-fp8": run("stock-fp8", work / "tiny/fp8", "auto", out_dir),
-        "stock-gptq": run("stock-gptq", work / "tiny/gptq-int4", "auto", out_dir),
+        # on the int4 MoE backend the plugin picks here (its measured table), so the kernels are the same
+        "stock-gptq": run(
+            "stock-gptq", work / "tiny/gptq-int4", "auto", out_dir, moe_backend=plugin_backend("gptq_int4")
+        ),
     }
     for name in recipes:
         results[name] = run(name, composed[name], "mixed", out_dir)
@@ -180,6 +208,61 @@ def main() -> None:
             print(f"  {name} kernels: {'; '.join(r['kernels'][:4])}")
 
 
+KERNEL_RECIPES = {
+    # the experts of layer 0 in FP8, of layer 1 in int4: each on its own backend in one engine
+    "experts-fp8-int4": ("bf16", [{"targets": ["model.layers.0.mlp.experts"], "source": "fp8"},
+                                  {"targets": ["model.layers.1.mlp.experts"], "source": "int4"}]),
+    "all-int4-recipe-marlin": ("int4", [], {"int4": {"moe_backend": "marlin"}}),
+}  # fmt: skip
+
+
+def kernel_check(work: Path, composed: dict, plans: dict, out_dir: Path, final: Path) -> None:
+    """The plugin's MoE-backend choice (``kernel_choice``): with no flag its
+    int4 experts run on the format's measured backend (Humming on Hopper) and
+    equal stock vLLM given that backend; a recipe's ``kernels`` override and
+    the user's ``--moe-backend`` win and equal stock vLLM on theirs; in one
+    engine, FP8 experts keep vLLM's own backend beside Humming int4 experts."""
+    gptq = work / "tiny/gptq-int4"
+    results = {
+        "stock-gptq": run("stock-gptq", gptq, "auto", out_dir),
+        "stock-gptq@humming": run("stock-gptq-humming", gptq, "auto", out_dir, moe_backend="humming"),
+        "stock-fp8": run("stock-fp8", work / "tiny/fp8", "auto", out_dir),
+        "all-int4": run("all-int4", composed["all-int4"], "mixed", out_dir),
+        "all-int4@user-marlin": run(
+            "all-int4-user-marlin", composed["all-int4"], "mixed", out_dir, moe_backend="marlin"
+        ),
+        "all-int4-recipe-marlin": run("all-int4-recipe-marlin", composed["all-int4-recipe-marlin"], "mixed", out_dir),
+        "all-fp8": run("all-fp8", composed["all-fp8"], "mixed", out_dir),
+        "mix": run("mix", composed["mix"], "mixed", out_dir),
+        "experts-fp8-int4": run("experts-fp8-int4", composed["experts-fp8-int4"], "mixed", out_dir),
+    }
+    pairs = {"all-int4": "stock-gptq@humming", "all-int4@user-marlin": "stock-gptq",
+             "all-int4-recipe-marlin": "stock-gptq", "all-fp8": "stock-fp8"}  # fmt: skip
+    rows = []
+    for name, r in results.items():
+        row = {"row": name, "ok": r["ok"], "moe_backends": r.get("moe_backends"), "moe_choices": r.get("moe_choices")}
+        if r["ok"] and name in pairs and results[pairs[name]]["ok"]:
+            row["oracle"] = pairs[name]
+            row["same_greedy_as_oracle"] = r["tokens"] == results[pairs[name]]["tokens"]
+        if r["ok"] and not name.startswith("stock"):
+            plan = plans[name.split("@")[0]]
+            row["top1_vs_fp32_ref"], row["worst_logprob_gap"] = vs_reference(plan, r["teacher"])
+        rows.append(row)
+    (final / "kernels.json").write_text(json.dumps({"rows": rows, "results": {
+        k: {kk: vv for kk, vv in v.items() if kk != "teacher"} for k, v in results.items()}}, indent=1))  # fmt: skip
+    subprocess.run(["tar", "czf", str(final / "kernels-logs.tar.gz"), "-C", str(out_dir), "."], check=False)
+    print(f"\n{'row':26s} {'vLLM MoE backends':22s} {'oracle':20s} same  top-1  worst")
+    for r in rows:
+        if not r["ok"]:
+            print(f"{r['row']:26s} FAILED")
+            continue
+        print(f"{r['row']:26s} {','.join(r['moe_backends'] or []):22s} {r.get('oracle', '-'):20s} "
+              f"{r.get('same_greedy_as_oracle', '-')!s:5s} {r.get('top1_vs_fp32_ref', 0):.3f}  "
+              f"{r.get('worst_logprob_gap', 0):.3f}")  # fmt: skip
+        for c in r.get("moe_choices") or []:
+            print(f"    plugin: {c}")
+
+
 def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict, out_dir: Path, final: Path) -> None:
     """vLLM's own tensor parallelism: the mix at TP ``tp`` gives the same
     greedy tokens as at TP 1, and each pure recipe at TP ``tp`` the same as
@@ -196,7 +279,8 @@ def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict,
     for name in [n for n in names if n in composed]:
         results[f"{name}@tp{tp}"] = run(f"{name}-tp{tp}", composed[name], "mixed", out_dir, tp)
         if name in stock:
-            results[f"stock-{name}@tp{tp}"] = run(f"stock-{name}-tp{tp}", stock[name], "auto", out_dir, tp)
+            backend = plugin_backend("gptq_int4") if name in ("all-int4", "mix") else "auto"  # int4 experts
+            results[f"stock-{name}@tp{tp}"] = run(f"stock-{name}-tp{tp}", stock[name], "auto", out_dir, tp, backend)
     rows = []
     pairs = [("mix@tp1", f"mix@tp{tp}")] if "tp1" in names else []
     pairs += [(f"stock-{n}@tp{tp}", f"{n}@tp{tp}") for n in stock]
@@ -229,6 +313,6 @@ def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict,
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:6])
+        child(*sys.argv[2:7])
     else:
         main()

@@ -173,7 +173,7 @@ def test_yaml_syntax_error(tiny: Any, capsys: pytest.CaptureFixture[str]) -> Non
 def test_unknown_key(tiny: Any, capsys: pytest.CaptureFixture[str], where: str) -> None:
     if where == "top":
         path = tiny.recipe(precision="int4")
-        expected = "unknown key 'precision'; allowed keys here: base, default, dtype, rules, sources"
+        expected = "unknown key 'precision'; allowed keys here: base, default, dtype, kernels, rules, sources"
     else:
         path = tiny.recipe(rules=[{"targets": ["lm_head"], "source": "fp8", "quant": "fp8"}])
         expected = "unknown key 'rules[0].quant'; allowed keys here: source, targets"

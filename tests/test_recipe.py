@@ -233,7 +233,7 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     msg = str(exc.value)
     assert str(tmp_path / "recipe.yaml") in msg
     assert "unknown key 'colour'" in msg
-    assert "allowed keys here: base, default, dtype, rules, sources" in msg
+    assert "allowed keys here: base, default, dtype, kernels, rules, sources" in msg
 
 
 def test_unknown_rule_key(tmp_path: Path) -> None:

@@ -22,8 +22,15 @@ from vllm_mixed.composition import QUANT_METHOD, Composition
 from vllm_mixed.cpu_kernels import cpu_fallback_reason
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import get_format
+from vllm_mixed.kernel_choice import AUTO, MoeChoice, choose_moe_backend
 from vllm_mixed.parallel import HOPPER, Parallel
-from vllm_mixed.vllm_compat import engine_layout, is_cpu, load_format_being_built, routed_experts_cls
+from vllm_mixed.vllm_compat import (
+    engine_layout,
+    is_cpu,
+    load_format_being_built,
+    moe_backend_available,
+    routed_experts_cls,
+)  # fmt: skip
 
 __all__ = ["MixedPrecisionConfig"]
 
@@ -50,7 +57,7 @@ class MixedPrecisionConfig(QuantizationConfig):
                 fmt = get_format(src.format)
                 if fmt.quantized and src.quantization_config:
                     self.native[name] = fmt.vllm_config(src.quantization_config, composition.quantized_modules(name))
-        self._logged: set[tuple[str, str, str]] = set()
+        self._logged: set[tuple[str, str, str, str]] = set()
         self._shards_checked: set[Any] = set()
 
     def __repr__(self) -> str:
@@ -118,7 +125,10 @@ class MixedPrecisionConfig(QuantizationConfig):
                 # the model's fused-module mapping: SupportsQuant models fill this config's dict, others replace it
                 native.packed_modules_mapping = self.packed_modules_mapping
                 try:
-                    method = native.get_quant_method(layer, prefix)
+                    if experts and not is_cpu():
+                        method, note = self._native_experts(native, layer, prefix, source, fmt)
+                    else:
+                        method = native.get_quant_method(layer, prefix)
                 except NotImplementedError as exc:  # vLLM found no kernel (e.g. its CPU WNA16 MoE oracle)
                     if not is_cpu():
                         raise
@@ -134,6 +144,30 @@ class MixedPrecisionConfig(QuantizationConfig):
                 note = f" (dequantized to the model dtype: {why})"
         self._log(prefix, source, name, method, note)
         return method
+
+    def _native_experts(self, native: Any, layer: Any, prefix: str, source: str, fmt: Any) -> tuple[Any, str]:
+        """vLLM's MoE method for these experts on the backend ``kernel_choice``
+        picks: the layer's ``moe_config.moe_backend`` (vLLM reads it when the
+        method selects its kernel) is set for this layer only. A backend vLLM
+        refuses here falls back to its own choice unless the user named it."""
+        moe = layer.moe_config
+        layout = engine_layout()
+        capability = layout.capability if layout is not None else None
+        choice = choose_moe_backend(
+            fmt, source, self._require().recipe, moe.moe_backend, capability, moe_backend_available
+        )
+        moe.moe_backend = choice.backend
+        try:
+            method = native.get_quant_method(layer, prefix)
+        except ValueError as exc:  # select_*_moe_backend: the requested backend does not support this layer
+            if choice.binding or choice.backend == AUTO:
+                raise
+            moe.moe_backend = AUTO
+            method = native.get_quant_method(layer, prefix)
+            choice = MoeChoice(AUTO, choice.by, f"{choice.backend} refused by vLLM: {exc}")
+        built = getattr(getattr(method, "experts_cls", None), "__name__", None)
+        note = f" [moe backend {choice.describe()}{'; vLLM built ' + built if built else ''}]"
+        return method, note
 
     def _first_layer(self) -> None:
         """Checks of the engine being built, once per process before any
@@ -172,7 +206,7 @@ class MixedPrecisionConfig(QuantizationConfig):
     def _log(self, prefix: str, source: str, fmt: str, method: Any, note: str = "") -> None:
         group = prefix.split(".")[-1] if prefix.startswith("model.layers.") else prefix
         kind = type(method).__name__ if method is not None else "UnquantizedFusedMoEMethod"
-        key = (group, source, kind)
+        key = (group, source, kind, note)
         if key not in self._logged:
             self._logged.add(key)
             logger.info("vllm-mixed: %s <- source %r (%s) via %s%s", group, source, fmt, kind, note)

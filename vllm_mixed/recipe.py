@@ -1,7 +1,8 @@
 """The recipe: which checkpoint each layer of the model comes from.
 
 A recipe is YAML with five keys (``sources``, ``base``, ``default``, ``dtype``,
-``rules``). It is parsed into a frozen, typed :class:`Recipe`; unknown keys are
+``rules``) and an optional sixth, ``kernels`` (the vLLM backend per source,
+overriding the plugin's measured choice, see ``kernel_choice``). It is parsed into a frozen, typed :class:`Recipe`; unknown keys are
 rejected and every error names the file, the key, the value and the fix.
 
 Matching semantics (stated once, tested in ``tests/test_recipe.py``): a target
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 
 from vllm_mixed.errors import MixedError
 
-__all__ = ["Recipe", "Rule", "load_recipe", "recipe_from_dict", "target_matches"]
+__all__ = ["Recipe", "Rule", "SourceKernels", "load_recipe", "recipe_from_dict", "target_matches"]
 
 DTYPES = ("bfloat16", "float16")
 
@@ -53,6 +54,22 @@ class Rule(BaseModel):
         return targets
 
 
+class SourceKernels(BaseModel):
+    """The vLLM kernel backends asked for the layers of one source (CUDA)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: vLLM's ``--moe-backend`` value for this source's experts (``auto``: vLLM's own choice)
+    moe_backend: StrictStr | None = None
+
+    @field_validator("moe_backend")
+    @classmethod
+    def _backend_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ValueError(f"{name!r} is not a vLLM MoE backend name (such as marlin, humming, triton, auto)")
+        return name
+
+
 class Recipe(BaseModel):
     """A validated recipe. Source paths are absolute once loaded."""
 
@@ -64,6 +81,7 @@ class Recipe(BaseModel):
     default: StrictStr | None = None
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
     rules: list[Rule] = Field(default_factory=list)
+    kernels: dict[str, SourceKernels] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _names_exist(self) -> Recipe:
@@ -78,6 +96,9 @@ class Recipe(BaseModel):
                     f"rules[{i}].source: {rule.source!r} (rule for {rule.targets}) is not a source; "
                     f"use one of: {known}, or add it under 'sources:'"
                 )
+        for name in self.kernels:
+            if name not in self.sources:
+                raise ValueError(f"kernels.{name}: {name!r} is not a source; use one of: {known}")
         return self
 
     def source_for(self, names: tuple[str, ...]) -> tuple[str | None, int | None]:
@@ -184,6 +205,7 @@ _NONEMPTY = {
 _ALLOWED = {
     (): sorted(Recipe.model_fields),
     ("rules",): sorted(Rule.model_fields),
+    ("kernels",): sorted(SourceKernels.model_fields),
 }
 
 
@@ -208,6 +230,7 @@ def _explain(exc: ValidationError, where: str) -> str:
         kind = err["type"]
         if kind == "extra_forbidden":
             parent = tuple(p for p in loc[:-1] if not isinstance(p, int))
+            parent = parent[:1] if parent[:1] == ("kernels",) else parent  # kernels.<source>.<key>
             allowed = ", ".join(_ALLOWED.get(parent, []))
             lines.append(f"unknown key {key!r}; allowed keys here: {allowed}")
         elif kind == "missing":

@@ -15,7 +15,7 @@ from vllm_mixed.parallel import Parallel
 
 __all__ = [
     "KERNEL_RULES_RELEASE", "OPTIONAL_UNLOADED_PARAMS", "EngineLayout", "client_errors", "configure_logging_from_args",
-    "device_type", "engine_layout", "flexible_argument_parser", "is_cpu", "load_format_being_built",
+    "device_type", "engine_layout", "flexible_argument_parser", "is_cpu", "load_format_being_built", "moe_backend_available",
     "normalize_param_name", "openai_server_argv", "prompt_logprob_rows", "prompt_logprobs_options",
     "request_cpu_amx", "routed_experts_cls", "vllm_cli_available",
 ]  # fmt: skip
@@ -31,6 +31,20 @@ OPTIONAL_UNLOADED_PARAMS = (
     "w13_bias", "w2_bias", "g_idx", "g_idx_sort_indices", "w13_g_idx", "w2_g_idx",
     "w13_g_idx_sort_indices", "w2_g_idx_sort_indices",
 )  # fmt: skip
+
+
+@cache
+def moe_backend_available(name: str) -> bool:
+    """Whether a vLLM MoE backend's optional package is importable here:
+    Humming needs ``humming-kernels`` (vLLM 0.26 pins 0.1.10; not every
+    install has it). Backends without an optional package are available."""
+    if name != "humming":
+        return True
+    try:
+        from vllm.utils.import_utils import has_humming
+    except ImportError:  # a release without the Humming backend
+        return False
+    return bool(has_humming())
 
 
 @cache

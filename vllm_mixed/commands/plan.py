@@ -88,12 +88,20 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         (
             g["group"], g["source"], g["format"], g["precision"], g["layers"], g["bytes"], human(g["bytes"]),
-            g["vllm_method_gpu"], g["vllm_method_cpu"],
+            g["vllm_method_gpu"], g["moe_backend_gpu"], g["vllm_method_cpu"],
         )
         for g in summary["groups"]
     ]  # fmt: skip
-    headers = ["group", "source", "format", "precision", "layers", "bytes", "", "vLLM method (CUDA)", "(CPU build)"]
+    headers = [
+        "group", "source", "format", "precision", "layers", "bytes", "", "vLLM method (CUDA)", "MoE backend (Hopper)",
+        "(CPU build)",
+    ]  # fmt: skip
     print(table(headers, rows, right={4, 5, 6}))
+    if any(g["moe_backend_gpu"].startswith(("humming", "marlin")) for g in summary["groups"]):
+        print(
+            "note: MoE backend (Hopper): what the plugin asks of vLLM per experts group where the backend's package "
+            "is installed (else vLLM's own choice); --moe-backend, or the recipe's kernels: section, overrides it"
+        )
     print()
     prec = [(p, b, human(b)) for p, b in sorted(summary["bytes_by_precision"].items())]
     prec.append(("total", plan.total_bytes, human(plan.total_bytes)))

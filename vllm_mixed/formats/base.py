@@ -14,7 +14,7 @@ them import them when called.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -103,6 +103,9 @@ class Format:
     #: shown in the "not supported" message, e.g. "gptq (4-bit)"
     description: str = ""
     tiny: TinyLayout | None = None
+    #: the fastest vLLM MoE backend measured for this format's experts, per CUDA
+    #: compute capability (``kernel_choice`` asks vLLM for it; absent: vLLM's choice)
+    moe_kernels: ClassVar[dict[int, str]] = {}
 
     # --- detection ---------------------------------------------------------------------------------------------
     def claims(self, quant_config: dict[str, Any]) -> bool:

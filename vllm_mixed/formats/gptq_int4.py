@@ -112,6 +112,7 @@ class GptqInt4(Format):
     name = "gptq_int4"
     description = "gptq (4-bit)"
     tiny = TinyLayout("gptq-int4", GPTQ_QUANT_CONFIG, "float16", "int4")
+    moe_kernels = {HOPPER: "humming"}  # H200: 1.11x Marlin's throughput (benchmarks/RESULTS.md, "MoE backend")
 
     def claims(self, quant_config: dict[str, Any]) -> bool:
         return str(quant_config.get("quant_method", "")).lower() in ("gptq", "gptq_marlin", "auto_gptq")
@@ -389,10 +390,8 @@ class GptqInt4(Format):
                 f"{where}: tensor {name}.g_idx is not arange(in) // {group} (act-order GPTQ); pack-quantized has no "
                 "column permutation: route the layer to a desc_act: false checkpoint"
             )
-        state = {
-            "weight": self.dequantize(tensors, quant_config, torch.float64),
-            "weight_scale": scales.t().contiguous(),
-        }
+        weight = self.dequantize(tensors, quant_config, torch.float64)
+        state = {"weight": weight, "weight_scale": scales.t().contiguous()}
         out = BaseCompressor.get_value_from_registry(scheme.format).compress(state, scheme)
         return out, torch.equal(out["weight_packed"], qweight.t())  # both: q in 0..15, 8 per word along in, low first
 

@@ -1,0 +1,75 @@
+"""Which vLLM MoE backend the plugin asks for, per experts layer.
+
+vLLM picks one MoE backend for the whole engine (``--moe-backend``, default
+``auto``: its own priority list). A mix holds experts of several formats whose
+fastest kernels differ: on an H200, GPTQ int4 experts run 11 % faster on
+Humming than on Marlin (vLLM's ``auto`` choice), while a global
+``--moe-backend humming`` would also move every FP8 expert layer. So the
+plugin sets the backend per experts layer, in this order:
+
+1. the user's ``--moe-backend`` (anything but ``auto``) wins for every layer;
+2. the recipe's ``kernels: {SOURCE: {moe_backend: NAME}}``;
+3. the format's measured table (``Format.moe_kernels``: CUDA capability ->
+   backend, written from ``benchmarks/RESULTS.md``), where that backend's
+   package is importable here;
+4. otherwise ``auto``: vLLM's own choice.
+
+vLLM's own check still decides: a backend it refuses for a layer (its
+``is_supported_config``) falls back to ``auto`` for choices 2 and 3, with the
+reason logged; the user's explicit choice is never overridden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm_mixed.formats.base import Format
+    from vllm_mixed.recipe import Recipe
+
+__all__ = ["AUTO", "MoeChoice", "choose_moe_backend"]
+
+AUTO = "auto"
+USER, RECIPE, MEASURED, DEFAULT = "--moe-backend", "recipe", "measured table", "vLLM's choice"
+
+
+@dataclass(frozen=True)
+class MoeChoice:
+    """The backend asked of vLLM for one experts layer, and who chose it."""
+
+    backend: str
+    by: str  # USER, RECIPE, MEASURED or DEFAULT
+    detail: str = ""
+
+    @property
+    def binding(self) -> bool:
+        """Whether a refusal by vLLM is an error (the user's own choice) rather
+        than a reason to fall back to vLLM's choice."""
+        return self.by == USER
+
+    def describe(self) -> str:
+        return f"{self.backend} ({self.by}{': ' + self.detail if self.detail else ''})"
+
+
+def choose_moe_backend(
+    fmt: Format,
+    source: str,
+    recipe: Recipe,
+    user_backend: str,
+    capability: int | None,
+    available: Callable[[str], bool],
+) -> MoeChoice:
+    """The MoE backend for experts of ``fmt`` from ``source`` (see the module
+    docstring for the order). ``available(name)`` says whether a backend's
+    optional package is importable where the engine runs."""
+    if user_backend and user_backend != AUTO:
+        return MoeChoice(user_backend, USER)
+    chosen = recipe.kernels.get(source)
+    if chosen is not None and chosen.moe_backend:
+        return MoeChoice(chosen.moe_backend, RECIPE, f"kernels.{source}.moe_backend")
+    measured = fmt.moe_kernels.get(capability) if capability is not None and fmt.quantized else None
+    if measured and available(measured):
+        return MoeChoice(measured, MEASURED, f"{fmt.name} on sm{capability}")
+    return MoeChoice(AUTO, DEFAULT)
