@@ -44,6 +44,8 @@ def tensor_entries(cfg: dict[str, Any], fmt: Format) -> list[tuple[str, str, tup
                     out.append((f"{m.name}.{suffix}", spec.dtypes[0], spec.shape))
             else:
                 out.append((f"{m.name}.weight", float_dtype, m.shape))
+            if m.bias:
+                out.append((f"{m.name}.bias", float_dtype, m.shape[:1]))
     return out
 
 
