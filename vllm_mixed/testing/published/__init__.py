@@ -24,7 +24,11 @@ _UNCHECKED = "transcribed, no stored copy found: unverified"
 # model -> where its config.json was taken from
 SOURCES = {
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B config.json (shared/docs/qwen3-30b-a3b-config.json, from Hugging Face)",
-    "qwen3-32b": f"{_HF.format('Qwen/Qwen3-32B')} ({_UNCHECKED})",
+    "qwen3-32b": (
+        f"{_HF.format('Qwen/Qwen3-32B')}; shape keys (hidden 5120, intermediate 25600, 64 layers, 64/8 heads, "
+        "head_dim 128, vocab 151936, rope_theta 1e6) as in the Qwen3-32B configs stored in the GitHub corpus "
+        "(find_string ids 54147085993, 54896827577, 57952012531); the other keys unverified"
+    ),
     "llama-3.1-8b-instruct": (
         f"{_HF.format('meta-llama/Llama-3.1-8B-Instruct')}; shape and rope_scaling keys as in the Llama-3.1-8B "
         "style configs stored in the GitHub corpus (find_string ids 56129998493, 54003156338)"
