@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_mixed.cli import main
 from vllm_mixed.errors import MixedError
@@ -158,3 +159,26 @@ def test_tiny_moe_model_plans_and_shards_at_tp2(
     assert main(["plan", str(dirs["recipe"]), "--tp", "2"]) == 0
     out = capsys.readouterr().out
     assert experts in out and "AutoGPTQMoEMethod: Marlin MoE" in out
+
+
+def test_qwen2_export_keeps_the_biases(tmp_path: Path) -> None:
+    """``export`` writes each routed bias next to its weight, in the model dtype, equal to the source's."""
+    from safetensors import safe_open
+
+    from vllm_mixed.export import export
+
+    dirs = make_tiny(tmp_path / "t", arch="qwen2")
+    recipe = load_recipe(dirs["recipe"]).only("int4")  # GPTQ stores the biases in fp16
+    out = export(build_plan(recipe), tmp_path / "exp", progress=False)
+    exported = {}
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            exported.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(".bias")})
+    assert len(exported) == 3 * 2
+    source = {}
+    for shard in dirs["gptq-int4"].glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            source.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(".bias")})
+    assert sorted(source) == sorted(exported) and {t.dtype for t in source.values()} == {torch.float16}
+    for k, t in source.items():
+        assert exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], t.to(torch.bfloat16)), k
