@@ -8,7 +8,8 @@ stock vLLM on the bf16 / fp8 / gptq directories, and the plugin
 pure recipes give exactly stock's greedy tokens (32 tokens, several prompts);
 the mix is within the serve issue's tolerance of the float32 reference.
 
-Usage (device, after the bundle's env.sh): python3 benchmarks/gpu_oracle.py --out $OUT
+Usage (device, after the bundle's env.sh): python3 benchmarks/gpu_oracle.py --out $OUT [--arch NAME]
+(``--arch``: a ``make-tiny --arch`` name; the mix is that architecture's tiny recipe)
 """
 
 from __future__ import annotations
@@ -94,16 +95,17 @@ def plugin_backend(format_name: str) -> str:
     return name if name and moe_backend_available(name) else "auto"
 
 
-def tiny_plans(work: Path, recipes: dict[str, tuple]) -> dict:
-    """Write the tiny model under ``work/tiny`` and each recipe (name ->
-    (default source, rules[, kernels])) over its three checkpoints; their plans."""
+def tiny_plans(work: Path, recipes: dict[str, tuple], arch: str | None = None) -> dict:
+    """Write the tiny model (of ``arch``, default Qwen3-MoE) under ``work/tiny``
+    and each recipe (name -> (default source, rules[, kernels])) over its
+    three checkpoints; their plans."""
     import yaml
 
     from vllm_mixed.plan import build_plan
     from vllm_mixed.recipe import load_recipe
     from vllm_mixed.tiny import make_tiny
 
-    make_tiny(work / "tiny")
+    make_tiny(work / "tiny", arch=arch)
     src = {"bf16": str(work / "tiny/bf16"), "fp8": str(work / "tiny/fp8"), "int4": str(work / "tiny/gptq-int4")}
     plans = {}
     for name, (default, rules, *kernels) in recipes.items():
@@ -138,8 +140,11 @@ def main() -> None:
     ap.add_argument("--tp-recipes", default="tp1,mix,mix-export,all-int4",
                     help="recipes run at TP N and their stock oracles; tp1: the mix at TP 1 too; mix-export: the "
                     "mix exported to compressed-tensors and served by stock vLLM")  # fmt: skip
+    ap.add_argument("--arch", default=None, help="make-tiny --arch name (default: the tiny Qwen3-MoE)")
     args = ap.parse_args()
     from vllm_mixed.compose import compose
+    from vllm_mixed.models import model_named
+    from vllm_mixed.models.qwen3_moe import QWEN3_MOE
 
     final, work = Path(args.out), Path(args.work)
     out_dir = work / "rows"  # per-row logs; packed into one file at the end
@@ -148,11 +153,11 @@ def main() -> None:
         "all-bf16": ("bf16", []),
         "all-fp8": ("fp8", []),
         "all-int4": ("int4", []),
-        "mix": ("bf16", [{"targets": ["model.layers.*.mlp.experts"], "source": "int4"}]),
+        "mix": ("bf16", list((model_named(args.arch) if args.arch else QWEN3_MOE).tiny_rules)),
     }
     if args.kernels:
         recipes |= KERNEL_RECIPES
-    plans = tiny_plans(work, recipes)
+    plans = tiny_plans(work, recipes, args.arch)
     composed = {name: compose(plan, work / name) for name, plan in plans.items()}
 
     if args.kernels:

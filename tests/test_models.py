@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_mixed.cli import main
 from vllm_mixed.errors import MixedError
-from vllm_mixed.models import MODELS, geometry_for, layers_for, model_named
+from vllm_mixed.models import MODELS, Layer, geometry_for, layers_for, model_named
 from vllm_mixed.parallel import OK, Parallel
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
@@ -18,13 +19,21 @@ from vllm_mixed.tiny import make_tiny
 
 
 def test_registry_names_and_refusal() -> None:
-    assert {"Qwen3MoeForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"} <= set(MODELS)
+    assert {
+        "Qwen3MoeForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM",
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+    } <= set(MODELS)  # fmt: skip
     with pytest.raises(MixedError) as err:
         layers_for({"architectures": ["GPT2LMHeadModel"]}, "base 'x'")
     msg = str(err.value)
     assert msg.startswith("base 'x': architectures ['GPT2LMHeadModel'] are not supported; supported: ")
-    assert "LlamaForCausalLM, MistralForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM" in msg
-    with pytest.raises(MixedError, match="--arch 'gpt2' is not a supported architecture; supported: llama, qwen3"):
+    assert (
+        "supported: LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, "
+        "Qwen3ForCausalLM, Qwen3MoeForCausalLM"
+    ) in msg
+    with pytest.raises(
+        MixedError, match="--arch 'gpt2' is not a supported architecture; supported: llama, mixtral, qwen2, qwen2-moe"
+    ):
         model_named("gpt2")
 
 
@@ -77,3 +86,99 @@ def test_make_tiny_formats_option(tmp_path: Path, capsys: pytest.CaptureFixture[
     capsys.readouterr()
     assert main(["make-tiny", str(tmp_path / "u"), "--formats", "awq"]) == 2
     assert "--formats 'awq': unknown ['awq']" in capsys.readouterr().err
+
+
+def test_qwen2_biases_are_float_members_in_every_format(tmp_path: Path) -> None:
+    """Qwen2's q/k/v biases: members with ``bias``, planned from every
+    source in that checkpoint's float dtype (fp16 beside GPTQ, bf16 beside
+    FP8), kept through the composed table, absent from o_proj and the MLP."""
+    cfg = dict(model_named("qwen2").tiny_config)
+    layers = {layer.name: layer for layer in layers_for(cfg, "tiny")}
+    qkv = layers["model.layers.0.self_attn.qkv_proj"]
+    assert [m.bias for m in qkv.members] == [True, True, True]
+    assert not any(m.bias for n, layer in layers.items() if n != qkv.name and "qkv" not in n for m in layer.members)
+    assert Layer.from_dict(qkv.name, qkv.to_dict()) == qkv
+    assert geometry_for(cfg, "tiny").head_dim == 128  # hidden / heads, as vLLM's Qwen2Attention computes it
+    dirs = make_tiny(tmp_path, arch="qwen2")
+    for source, dtype in (("int4", "F16"), ("fp8", "BF16"), ("bf16", "BF16")):
+        plan = build_plan(load_recipe(dirs["recipe"]).only(source))
+        (p,) = [p for p in plan.layers if p.layer.name == qkv.name]
+        biases = {t.name: (t.dtype, t.shape) for t in p.tensors if t.name.endswith(".bias")}
+        assert biases == {
+            "model.layers.0.self_attn.q_proj.bias": (dtype, (512,)),
+            "model.layers.0.self_attn.k_proj.bias": (dtype, (256,)),
+            "model.layers.0.self_attn.v_proj.bias": (dtype, (256,)),
+        }, source
+
+
+def test_moe_layer_tables() -> None:
+    mixtral = {layer.name: layer for layer in layers_for(dict(model_named("mixtral").tiny_config), "tiny")}
+    experts = mixtral["model.layers.1.block_sparse_moe.experts"]
+    assert (experts.kind, experts.parallel, len(experts.members)) == ("experts", "experts", 8 * 3)
+    assert [(m.name, m.shape) for m in experts.members[:3]] == [
+        ("model.layers.1.block_sparse_moe.experts.0.w1", (256, 256)),
+        ("model.layers.1.block_sparse_moe.experts.0.w2", (256, 256)),
+        ("model.layers.1.block_sparse_moe.experts.0.w3", (256, 256)),
+    ]
+    gate = mixtral["model.layers.1.block_sparse_moe.gate"]
+    assert (gate.kind, gate.parallel, gate.members[0].shape) == ("router", "replicated", (8, 256))
+    assert "model.layers.0.mlp.gate_up_proj" not in mixtral
+    qwen2_moe = {layer.name: layer for layer in layers_for(dict(model_named("qwen2-moe").tiny_config), "tiny")}
+    shared = qwen2_moe["model.layers.0.mlp.shared_expert.gate_up_proj"]
+    assert (shared.kind, shared.group, shared.parallel) == ("linear", "shared_expert", "column")
+    assert [m.name for m in shared.members] == [
+        "model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.shared_expert.up_proj"
+    ]  # fmt: skip
+    assert qwen2_moe["model.layers.0.mlp.shared_expert.down_proj"].members[0].shape == (512, 512)
+    gate = qwen2_moe["model.layers.0.mlp.shared_expert_gate"]
+    assert (gate.kind, gate.quantizable, gate.members[0].shape) == ("router", False, (1, 512))
+    assert qwen2_moe["model.layers.0.mlp.experts"].members[2].name == "model.layers.0.mlp.experts.0.down_proj"
+    assert all(m.bias for m in qwen2_moe["model.layers.0.self_attn.qkv_proj"].members)
+    with pytest.raises(MixedError, match="Qwen2-MoE with dense layers"):
+        layers_for(dict(model_named("qwen2-moe").tiny_config, mlp_only_layers=[0]), "tiny")
+
+
+@pytest.mark.parametrize(
+    "arch,experts",
+    [("mixtral", "model.layers.*.block_sparse_moe.experts"), ("qwen2-moe", "model.layers.*.mlp.experts")],
+)
+def test_tiny_moe_model_plans_and_shards_at_tp2(
+    arch: str, experts: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dirs = make_tiny(tmp_path / arch, arch=arch)
+    plan = build_plan(load_recipe(dirs["recipe"]))
+    routed = {(p.layer.group, p.source, p.format) for p in plan.layers}
+    assert ("experts", "int4", "gptq_int4") in routed and ("router", "bf16", "unquantized") in routed
+    assert (("shared_expert", "int4", "gptq_int4") in routed) == (arch == "qwen2-moe")
+    assert plan.unused_rules == []
+    # GPTQ and FP8 keep every router (mlp.gate, shared_expert_gate, block_sparse_moe.gate) unquantized
+    for source in ("int4", "fp8"):
+        pure = build_plan(load_recipe(dirs["recipe"]).only(source))
+        assert {p.format for p in pure.layers if p.layer.kind == "router"} == {"unquantized"}
+    assert {c.status for c in plan.shard_checks(Parallel(2))} == {OK}
+    assert main(["plan", str(dirs["recipe"]), "--tp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert experts in out and "AutoGPTQMoEMethod: Marlin MoE" in out
+
+
+def test_qwen2_export_keeps_the_biases(tmp_path: Path) -> None:
+    """``export`` writes each routed bias next to its weight, in the model dtype, equal to the source's."""
+    from safetensors import safe_open
+
+    from vllm_mixed.export import export
+
+    dirs = make_tiny(tmp_path / "t", arch="qwen2")
+    recipe = load_recipe(dirs["recipe"]).only("int4")  # GPTQ stores the biases in fp16
+    out = export(build_plan(recipe), tmp_path / "exp", progress=False)
+    exported = {}
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            exported.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(".bias")})
+    assert len(exported) == 3 * 2
+    source = {}
+    for shard in dirs["gptq-int4"].glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            source.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(".bias")})
+    assert sorted(source) == sorted(exported) and {t.dtype for t in source.values()} == {torch.float16}
+    for k, t in source.items():
+        assert exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], t.to(torch.bfloat16)), k

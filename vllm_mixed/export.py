@@ -212,12 +212,14 @@ def export(plan: LoadPlan, out_dir: str | Path, shard_bytes: int = DEFAULT_SHARD
                 opened: dict[Path, Any] = {}
                 for member, infos in by_member.items():
                     tensors = {i.name.rpartition(".")[2]: _read(handles, opened, i) for i in infos}
+                    bias = {"bias": tensors.pop("bias").to(dtype)} if "bias" in tensors else {}  # float everywhere
                     if not p.fmt.quantized:
                         converted = {k: v.to(dtype) for k, v in tensors.items()}
                     else:
                         scheme = routed[p.layer.name]
                         converted, same = p.fmt.export_member(member, tensors, src.quant_config, scheme, src.where)
                         _check_exact(member, p, infos[0].file, converted, same, scheme)
+                    converted = {**converted, **bias}
                     for suffix, t in converted.items():
                         writer.add(f"{member}.{suffix}", t)
                     bar.update(sum(i.nbytes for i in infos))

@@ -19,7 +19,7 @@ from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import UNQUANTIZED, Format, TensorSpec, get_format
 from vllm_mixed.formats.unquantized import FLOAT_DTYPES
 from vllm_mixed.kernel_choice import AUTO, choose_moe_backend
-from vllm_mixed.models import Geometry, Layer, geometry_for, layers_for, model_for
+from vllm_mixed.models import Geometry, Layer, Member, geometry_for, layers_for, model_for
 from vllm_mixed.parallel import HOPPER, Parallel
 from vllm_mixed.recipe import Recipe
 from vllm_mixed.safetensors_header import TensorInfo
@@ -201,10 +201,12 @@ def _float_name(dtype: str) -> str:
     return {"float16": "float16", "half": "float16", "float32": "float32"}.get(dtype, "bfloat16")
 
 
-def _specs(src: Source, fmt: str, member_shape: tuple[int, ...]) -> dict[str, TensorSpec]:
-    if len(member_shape) == 1:
-        return {"weight": TensorSpec(FLOAT_DTYPES, member_shape)}
-    return get_format(fmt).specs(member_shape[0], member_shape[1], src.quant_config)
+def _specs(src: Source, fmt: str, member: Member) -> dict[str, TensorSpec]:
+    """A member's tensors in ``fmt``; a bias stays float in every format."""
+    if len(member.shape) == 1:
+        return {"weight": TensorSpec(FLOAT_DTYPES, member.shape)}
+    specs = get_format(fmt).specs(member.shape[0], member.shape[1], src.quant_config)
+    return {**specs, "bias": TensorSpec(FLOAT_DTYPES, member.shape[:1])} if member.bias else specs
 
 
 def layer_tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]:
@@ -212,7 +214,7 @@ def layer_tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]
     the spec its format and the model's shape give."""
     out = []
     for m in layer.members:
-        for suffix, spec in _specs(src, fmt, m.shape).items():
+        for suffix, spec in _specs(src, fmt, m).items():
             name = f"{m.name}.{suffix}"
             if not src.has(name):
                 if spec.optional:

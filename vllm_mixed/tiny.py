@@ -48,11 +48,16 @@ def init_weight(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torc
 
 
 def master_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Float32 master weights, keyed by checkpoint module name (no suffix)."""
+    """Float32 master weights, keyed by checkpoint module name (no suffix;
+    a bias under ``NAME.bias``)."""
     gen = torch.Generator().manual_seed(seed)
-    return {
-        m.name: init_weight(layer.kind, m.shape, gen) for layer in layers_for(cfg, "tiny config") for m in layer.members
-    }
+    out = {}
+    for layer in layers_for(cfg, "tiny config"):
+        for m in layer.members:
+            out[m.name] = init_weight(layer.kind, m.shape, gen)
+            if m.bias:  # Qwen2's q/k/v biases: large enough to move the logits
+                out[f"{m.name}.bias"] = 0.5 * torch.randn(m.shape[:1], generator=gen, device=gen.device)
+    return out
 
 
 def encode_member(layer: Layer, weight: torch.Tensor, fmt: Format) -> dict[str, torch.Tensor]:
@@ -72,6 +77,10 @@ def checkpoint_tensors(cfg: dict[str, Any], master: dict[str, torch.Tensor], fmt
         for m in layer.members:
             encoded = encode_member(layer, master[m.name], fmt)
             tensors.update({f"{m.name}.{k}": v for k, v in encoded.items()})
+            if m.bias:  # float in every format, in the checkpoint's float dtype
+                tensors[f"{m.name}.bias"] = UNQUANTIZED.quantize(master[f"{m.name}.bias"], None, fmt.tiny.float_dtype)[
+                    "weight"
+                ]
     return tensors
 
 

@@ -1,7 +1,8 @@
-"""Dense Llama-family architectures (``LlamaForCausalLM``, ``Qwen3ForCausalLM``)
-through the plugin on vLLM's CPU build, from ``make-tiny --arch``: pure
-recipes against stock vLLM on the single checkpoint (identical teacher-forced
-logprobs where both run the same kernels), and the mix (MLP int4, rest BF16)
+"""Dense Llama-family architectures (``LlamaForCausalLM``, ``Qwen3ForCausalLM``,
+``Qwen2ForCausalLM``) through the plugin on vLLM's CPU build, from
+``make-tiny --arch``: pure recipes against stock vLLM on the single
+checkpoint (identical teacher-forced logprobs where both run the same
+kernels), and the mixes (MLP int4, rest BF16; for Qwen2 also attention FP8)
 and all-FP8 against transformers' own model class on dequantized weights."""
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def max_gap(a, b):
     return gap
 
 
-# Qwen3's bf16 path is the Llama one; its difference (q/k norms) is covered by its int4 and mix runs
+# Qwen3's bf16 and int4 paths are the Llama ones; its difference (q/k norms) is covered by its mix run. Qwen2's
+# q/k/v biases (fp16 in the GPTQ checkpoint) meet vLLM's own CPU int4 GEMM in its int4 run
 @pytest.mark.parametrize(
-    "arch,source,directory", [("llama", "bf16", "bf16"), ("llama", "int4", "gptq-int4"), ("qwen3", "int4", "gptq-int4")]
+    "arch,source,directory", [("llama", "bf16", "bf16"), ("llama", "int4", "gptq-int4"), ("qwen2", "int4", "gptq-int4")]
 )
 def test_pure_recipe_equals_stock_vllm(tiny_root, tmp_path, arch, source, directory):
     root = tiny_root(arch)
@@ -73,10 +75,14 @@ def test_pure_recipe_equals_stock_vllm(tiny_root, tmp_path, arch, source, direct
 
 
 MIX = [{"targets": MLP, "source": "int4"}]
+ATTENTION_FP8 = [{"targets": ["model.layers.*.self_attn.*"], "source": "fp8"}]
 
 
-# all-FP8 on the Llama model only: the FP8 path does not depend on the architecture
-@pytest.mark.parametrize("arch,default,rules", [("llama", "bf16", MIX), ("llama", "fp8", []), ("qwen3", "bf16", MIX)])
+# Qwen3 (the Llama layout plus q/k norms) with its MLP in int4; Qwen2 with its biased attention in FP8 (bf16
+# biases beside FP8 weights), MLP int4, the rest BF16. Llama's int4 MLP runs in its pure int4 recipe against stock
+# vLLM above; the FP8 linear fallback does not depend on the architecture (it also runs in the Mixtral and
+# Qwen2-MoE mixes, and all-FP8 Qwen3-MoE in test_recipes_vs_reference.py)
+@pytest.mark.parametrize("arch,default,rules", [("qwen3", "bf16", MIX), ("qwen2", "bf16", MIX + ATTENTION_FP8)])
 def test_recipe_matches_transformers_reference(tiny_root, tmp_path, arch, default, rules):
     root = tiny_root(arch)
     plan = plan_of(root, tmp_path, default, rules)

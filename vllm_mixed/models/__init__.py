@@ -11,6 +11,9 @@ from typing import Any
 from vllm_mixed.errors import MixedError
 from vllm_mixed.models.base import Geometry, Layer, Member, ModelSpec
 from vllm_mixed.models.llama import LLAMA
+from vllm_mixed.models.mixtral import MIXTRAL
+from vllm_mixed.models.qwen2 import QWEN2
+from vllm_mixed.models.qwen2_moe import QWEN2_MOE
 from vllm_mixed.models.qwen3 import QWEN3
 from vllm_mixed.models.qwen3_moe import QWEN3_MOE
 
@@ -42,6 +45,9 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 register_model(QWEN3_MOE)
 register_model(LLAMA)
 register_model(QWEN3)
+register_model(QWEN2)
+register_model(MIXTRAL)
+register_model(QWEN2_MOE)
 
 
 def model_named(name: str) -> ModelSpec:

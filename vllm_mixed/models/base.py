@@ -12,7 +12,7 @@ from vllm_mixed.errors import MixedError
 
 __all__ = [
     "Geometry", "Layer", "Member", "ModelSpec", "PARALLEL_STYLES", "attention_layers", "embedding_layer", "head_layers",
-    "norm_layer", "positive",
+    "hf_moe_state", "norm_layer", "positive",
 ]  # fmt: skip
 
 # how vLLM shards a layer over tensor-parallel ranks (its layer class)
@@ -31,10 +31,13 @@ QUANTIZABLE_KINDS = ("linear", "experts")
 @dataclass(frozen=True)
 class Member:
     """One checkpoint module inside a vLLM layer: its name and weight shape
-    ([out, in] for linears, [n] for norms)."""
+    ([out, in] for linears, [n] for norms). ``bias``: the module also has a
+    ``bias`` [out], stored in the checkpoint's float dtype in every format
+    (Qwen2's q/k/v) and loaded into the float bias vLLM's layer owns."""
 
     name: str
     shape: tuple[int, ...]
+    bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Layer:
             "kind": self.kind,
             "group": self.group,
             "parallel": self.parallel,
-            "members": [[m.name, list(m.shape)] for m in self.members],
+            "members": [[m.name, list(m.shape), *(["bias"] if m.bias else [])] for m in self.members],
         }
 
     @classmethod
@@ -69,10 +72,14 @@ class Layer:
             raise ValueError(f"layer {name!r}: parallel style {style!r} is not one of {', '.join(PARALLEL_STYLES)}")
         members = []
         for entry in data["members"]:
-            m_name, shape = entry
-            if not isinstance(m_name, str) or not all(type(d) is int and d >= 0 for d in shape):
-                raise TypeError(f"layer {name!r}: member {entry!r} is not [name, [dims]]")
-            members.append(Member(m_name, tuple(shape)))
+            m_name, shape, *extra = entry
+            if (
+                not isinstance(m_name, str)
+                or not all(type(d) is int and d >= 0 for d in shape)
+                or extra not in ([], ["bias"])
+            ):
+                raise TypeError(f"layer {name!r}: member {entry!r} is not [name, [dims]] or [name, [dims], 'bias']")
+            members.append(Member(m_name, tuple(shape), bool(extra)))
         return cls(name, kind, group, tuple(members), style)
 
 
@@ -157,14 +164,15 @@ def embedding_layer(g: Geometry) -> Layer:
     )
 
 
-def attention_layers(attn: str, g: Geometry, qk_norm: bool) -> list[Layer]:
-    """``{attn}.qkv_proj`` (fusing q/k/v), ``{attn}.o_proj`` and, with
-    ``qk_norm`` (Qwen3), the per-head ``q_norm``/``k_norm``."""
+def attention_layers(attn: str, g: Geometry, qk_norm: bool, qkv_bias: bool = False) -> list[Layer]:
+    """``{attn}.qkv_proj`` (fusing q/k/v, with biases under ``qkv_bias``:
+    Qwen2), ``{attn}.o_proj`` and, with ``qk_norm`` (Qwen3), the per-head
+    ``q_norm``/``k_norm``."""
     hidden, head_dim = g.hidden, g.head_dim
     qkv = (
-        Member(f"{attn}.q_proj", (g.heads * head_dim, hidden)),
-        Member(f"{attn}.k_proj", (g.kv_heads * head_dim, hidden)),
-        Member(f"{attn}.v_proj", (g.kv_heads * head_dim, hidden)),
+        Member(f"{attn}.q_proj", (g.heads * head_dim, hidden), qkv_bias),
+        Member(f"{attn}.k_proj", (g.kv_heads * head_dim, hidden), qkv_bias),
+        Member(f"{attn}.v_proj", (g.kv_heads * head_dim, hidden), qkv_bias),
     )
     o_proj = (Member(f"{attn}.o_proj", (hidden, g.heads * head_dim)),)
     out = [
@@ -182,3 +190,34 @@ def head_layers(cfg: dict[str, Any], g: Geometry) -> list[Layer]:
     if not cfg.get("tie_word_embeddings", False):
         out.append(Layer("lm_head", "lm_head", "lm_head", (Member("lm_head", (g.vocab, g.hidden)),), "vocab"))
     return out
+
+
+def hf_moe_state(
+    config_cls: type, model_cls: type, cfg: dict[str, Any], weights: dict[str, Any], experts: int,
+    names: tuple[str, str, str],
+) -> Any:  # fmt: skip
+    """transformers' MoE model ``model_cls`` in float32 on ``weights``
+    (checkpoint module name -> tensor, named as transformers names the
+    modules): transformers >= 5 holds each layer's experts fused as
+    ``mlp.experts.gate_up_proj`` [E, 2 inter, hidden] and
+    ``mlp.experts.down_proj`` [E, hidden, inter]; ``names`` are the
+    checkpoint's per-expert (gate, up, down) modules."""
+    import torch
+
+    config = config_cls(**{k: v for k, v in cfg.items() if k not in ("quantization_config", "torch_dtype", "dtype")})
+    config._attn_implementation = "eager"
+    model = model_cls(config).to(torch.float32).eval()
+    gate, up, down = names
+    state = {}
+    for name in model.state_dict():
+        p = name.rpartition(".")[0]
+        if name.endswith("mlp.experts.gate_up_proj"):
+            state[name] = torch.stack(
+                [torch.cat([weights[f"{p}.{e}.{gate}"], weights[f"{p}.{e}.{up}"]]) for e in range(experts)]
+            )
+        elif name.endswith("mlp.experts.down_proj"):
+            state[name] = torch.stack([weights[f"{p}.{e}.{down}"] for e in range(experts)])
+        else:
+            state[name] = weights[name.removesuffix(".weight")]
+    model.load_state_dict(state, strict=True)
+    return model

@@ -31,6 +31,7 @@ class Llama(ModelSpec):
     )  # fmt: skip
     attention_class = "LlamaAttention"
     qk_norm = False  # Qwen3 adds per-head RMS norms on q and k
+    qkv_bias = False  # Qwen2 adds biases to q, k and v
     tiny_config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
         "bos_token_id": 0, "eos_token_id": 0, "head_dim": 128, "hidden_act": "silu", "hidden_size": 256,
@@ -58,7 +59,7 @@ class Llama(ModelSpec):
             gate_up = (Member(f"{mlp}.gate_proj", (inter, hidden)), Member(f"{mlp}.up_proj", (inter, hidden)))
             layers += [
                 norm_layer(f"{p}.input_layernorm", hidden),
-                *attention_layers(f"{p}.self_attn", g, self.qk_norm),
+                *attention_layers(f"{p}.self_attn", g, self.qk_norm, self.qkv_bias),
                 norm_layer(f"{p}.post_attention_layernorm", hidden),
                 Layer(f"{mlp}.gate_up_proj", "linear", "mlp", gate_up, "column"),
                 Layer(f"{mlp}.down_proj", "linear", "mlp", (Member(f"{mlp}.down_proj", (hidden, inter)),), "row"),

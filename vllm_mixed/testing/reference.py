@@ -15,7 +15,8 @@ __all__ = ["compare", "dequantized_weights", "hf_model", "teacher_forced_logprob
 
 
 def dequantized_weights(plan: LoadPlan) -> dict[str, torch.Tensor]:
-    """Checkpoint member name -> float32 weight, as the plan routes it."""
+    """Checkpoint member name -> float32 weight, as the plan routes it (a
+    bias under ``NAME.bias``)."""
     out = {}
     handles: dict[str, object] = {}  # each shard opened once
     for p in plan.layers:
@@ -26,6 +27,8 @@ def dequantized_weights(plan: LoadPlan) -> dict[str, torch.Tensor]:
             f = handles.setdefault(str(info.file), safe_open(str(info.file), framework="pt"))
             by_member.setdefault(member, {})[suffix] = f.get_tensor(info.name)
         for member, tensors in by_member.items():
+            if "bias" in tensors:  # float in every format
+                out[f"{member}.bias"] = tensors.pop("bias").to(torch.float32)
             qc = src.quant_config if p.fmt.quantized else None
             out[member] = p.fmt.dequantize(tensors, qc, torch.float64).to(torch.float32)
     return out

@@ -1,0 +1,49 @@
+"""MoE architectures beyond Qwen3-MoE (``MixtralForCausalLM``: experts
+``block_sparse_moe.experts.E.w1/w2/w3``; ``Qwen2MoeForCausalLM``: routed
+experts, a shared expert and its gate) through the plugin on vLLM's CPU
+build, from ``make-tiny --arch``: the pure BF16 recipe against stock vLLM on
+the BF16 checkpoint (the same kernels: identical teacher-forced logprobs;
+stock vLLM has no int4 or FP8 MoE kernel on a CPU without AMX), and one mix
+per architecture (experts int4, attention FP8, the rest BF16) against
+transformers' own model class on dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import run_vllm
+from tests.e2e.test_dense_models import REQUEST, TEACHER, max_gap, plan_of, tiny_root  # noqa: F401 (a fixture)
+from vllm_mixed.compose import compose
+from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
+
+ATTENTION_FP8 = {"targets": ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"], "source": "fp8"}
+MIXES = {
+    "mixtral": [{"targets": ["model.layers.*.block_sparse_moe.experts"], "source": "int4"}, ATTENTION_FP8],
+    "qwen2-moe": [
+        {"targets": ["model.layers.*.mlp.experts", "model.layers.*.mlp.shared_expert.*"], "source": "int4"},
+        ATTENTION_FP8,
+    ],
+}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe"])
+def test_pure_bf16_equals_stock_vllm(tiny_root, tmp_path, arch):  # noqa: F811
+    root = tiny_root(arch)
+    plan = plan_of(root, tmp_path, "bf16")
+    mixed = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    stock = run_vllm(root / "bf16", "auto", REQUEST, tmp_path / "stock")
+    assert mixed["greedy"] == stock["greedy"]
+    assert max_gap(mixed, stock) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe"])
+def test_mix_matches_transformers_reference(tiny_root, tmp_path, arch):  # noqa: F811
+    root = tiny_root(arch)
+    plan = plan_of(root, tmp_path, "bf16", MIXES[arch])
+    assert {p.format for p in plan.layers if p.layer.kind in ("experts", "linear")} == {"gptq_int4", "fp8_block"}
+    result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    assert "DequantFallbackMoEMethod" in result["log"]
+    model = hf_model(plan)
+    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
+    top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
+    assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, stats
