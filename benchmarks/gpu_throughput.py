@@ -4,7 +4,9 @@ benchmarks, random weights (``--load-format dummy``), identical prompts and
 engine flags for every row.
 
 ``--bench throughput``: ``vllm bench throughput``, 256 random prompts of
-1024 in / 256 out. ``--bench latency``: ``vllm bench latency`` at batch 1
+1024 in / 256 out; ``decode``: 256 x 128/1024; ``capped``: 512 x 2048/512
+with vLLM given 48 GiB of the card (the KV cache, not the kernels, limits
+the batch; the row records vLLM's maximum concurrency). ``--bench latency``: ``vllm bench latency`` at batch 1
 (32 in / 256 out), reported as ms per output token against the HBM floor
 (bytes each decode step must read, over the copy bandwidth measured here).
 
@@ -80,9 +82,15 @@ BENCH = {
     "throughput": ["--num-prompts", "256", "--random-input-len", "1024", "--random-output-len", "256"],
     # the decode-heavy regime of the kernel issue: short prompts, long answers
     "decode": ["--num-prompts", "256", "--random-input-len", "128", "--random-output-len", "1024"],
+    # the memory-capped regime: vLLM gets 48 GiB of the card (CAPPED_GIB); stock FP8's 29 GiB of weights
+    # leave it little KV cache, so the rows differ in how many of the 512 sequences run at once
+    "capped": ["--num-prompts", "512", "--random-input-len", "2048", "--random-output-len", "512"],
     "latency": ["--batch-size", "1", "--input-len", "32", "--output-len", "256", "--num-iters-warmup", "2",
                 "--num-iters", "5"],
 }  # fmt: skip
+CAPPED_GIB = 48
+# engine flags that differ per regime (replacing ENGINE's); the capped utilization is computed per card
+ENGINE_FOR = {"capped": {"--max-model-len": "2560", "--max-num-seqs": "512", "--gpu-memory-utilization": None}}
 VARIANTS = {
     "humming": (["--moe-backend", "humming"], {}),
     "marlin": (["--moe-backend", "marlin"], {}),
@@ -206,6 +214,19 @@ def parse_row(spec: str) -> tuple[str, str | None]:
     return name, variant or None
 
 
+def engine_flags(bench: str) -> list[str]:
+    """ENGINE with the regime's own values; the capped regime's
+    ``--gpu-memory-utilization`` gives vLLM CAPPED_GIB of this card."""
+    flags = list(ENGINE)
+    for key, value in ENGINE_FOR.get(bench, {}).items():
+        if value is None:  # the utilization for CAPPED_GIB, asked of the card in a process of its own
+            code = "import torch;print(torch.cuda.mem_get_info()[1])"
+            total = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+            value = f"{CAPPED_GIB * 2**30 / total:.4f}"
+        flags[flags.index(key) + 1] = value
+    return flags
+
+
 def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict:
     name, variant = parse_row(spec)
     extra, env_extra = VARIANTS[variant] if variant else ([], {})
@@ -213,9 +234,9 @@ def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict
     log, js = out / f"{bench}-{tag}.log", out / f"{bench}-{tag}.json"
     env = {**os.environ, "VLLM_USE_DEEP_GEMM": "0", "VLLM_MIXED_BENCH_INT_FILL": "1", "VLLM_MIXED_BENCH_LOAD_PROBE": "1",
            **env_extra}  # fmt: skip
-    sub = "latency" if bench == "latency" else "throughput"  # vLLM's benchmark; "decode" is throughput's regime
+    sub = "latency" if bench == "latency" else "throughput"  # vLLM's benchmark; the others are throughput regimes
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", sub, "--model", str(model),
-           *ENGINE, *BENCH[bench], *extra, "--output-json", str(js)]  # fmt: skip
+           *engine_flags(bench), *BENCH[bench], *extra, "--output-json", str(js)]  # fmt: skip
     t0 = time.perf_counter()
     rc = run_isolated(cmd, log, timeout, env)
     rc = "timeout" if rc is None else rc
@@ -230,6 +251,8 @@ def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict
         row["ms_per_token"] = round(1000 * r["avg_latency"] / 256, 3) if r.get("avg_latency") else None
     m = re.search(r"Model loading took ([\d.]+) GiB", text)
     row["weights_gib"] = float(m.group(1)) if m else None
+    m = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", text)
+    row["max_concurrency"] = float(m.group(1)) if m else None  # what the KV cache allows (the capped regime)
     probe = parse_load_probe(text)
     if probe:  # GPU memory during the load (dummy weights, then process_weights_after_loading) against after it
         row["load_peak_gib"], row["load_resident_gib"] = probe["peak_gib"], probe["resident_gib"]
@@ -249,7 +272,7 @@ def main() -> None:
         "--bench",
         choices=sorted(BENCH),
         default="throughput",
-        help="throughput: 256 x 1024/256; decode: 256 x 128/1024; latency: batch 1",
+        help="throughput: 256 x 1024/256; decode: 256 x 128/1024; capped: 512 x 2048/512 in 48 GiB; latency: batch 1",
     )
     ap.add_argument("--work", default="/tmp/vllm-mixed-bench")
     ap.add_argument("--timeout", type=int, default=330)
