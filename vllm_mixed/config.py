@@ -90,6 +90,15 @@ class MixedPrecisionConfig(QuantizationConfig):
         for native in self.native.values():
             native.apply_vllm_mapper(hf_to_vllm_mapper)
 
+    def get_checkpoint_weight_mapper(self) -> Any:
+        """vLLM >= 0.27 drops every checkpoint ``.g_idx`` here; the plugin's
+        loader yields exactly the tensors the layers load (``loader.unloadable``
+        leaves out a ``g_idx`` no layer registered), and the act-order GPTQ
+        fallback needs its ``g_idx``: nothing is dropped."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return WeightsMapper()
+
     def _require(self) -> Composition:
         if self.composition is None:
             raise MixedError(
