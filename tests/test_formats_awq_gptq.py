@@ -6,11 +6,13 @@ parameters and the kernel rules."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 
+from vllm_mixed.cli import main
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import detect_format
 from vllm_mixed.formats.awq import AWQ, AWQ_QUANT_CONFIG, awq_pack, awq_unpack
@@ -223,3 +225,20 @@ def test_kernel_rules() -> None:
     from vllm_mixed.formats.gptq_rules import gptq_moe_rule
 
     assert gptq_moe_rule(96, 2048, 128, act_order=True)[1] == FAILS
+
+
+def test_make_tiny_writes_the_published_layouts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``make-tiny --formats awq,gptq-int8`` writes both directories, each
+    detected as its format from its own config.json, and ``plan`` reads them."""
+    import json
+
+    assert main(["make-tiny", str(tmp_path / "t"), "--arch", "llama", "--formats", "bf16,awq,gptq-int8"]) == 0
+    for directory, fmt in (("awq", "awq"), ("gptq-int8", "gptq_int8")):
+        qc = json.loads((tmp_path / "t" / directory / "config.json").read_text())["quantization_config"]
+        assert detect_format(qc, directory) == fmt
+    assert json.loads((tmp_path / "t" / "awq" / "config.json").read_text())["quantization_config"] == AWQ_QUANT_CONFIG
+    capsys.readouterr()
+    recipe = tmp_path / "t" / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("default: bf16", "default: awq"))
+    assert main(["plan", str(recipe)]) == 0
+    assert "awq-int4-g128" in capsys.readouterr().out
