@@ -49,7 +49,9 @@ class MixedPrecisionConfig(QuantizationConfig):
             for name, src in composition.sources.items():
                 fmt = get_format(src.format)
                 if fmt.quantized and src.quantization_config:
-                    self.native[name] = fmt.vllm_config(src.quantization_config, composition.quantized_modules(name))
+                    native = fmt.vllm_config(src.quantization_config, composition.quantized_modules(name))
+                    if native is not None:  # None: this vLLM has no method for it, every layer falls back
+                        self.native[name] = native
         self._logged: set[tuple[str, str, str]] = set()
         self._shards_checked: set[Any] = set()
 

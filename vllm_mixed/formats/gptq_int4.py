@@ -169,6 +169,8 @@ class GptqInt4(Format):
         if g_idx is None:
             g_idx = torch.arange(k, device=q.device) // group_size(quant_config)
         g_idx = g_idx.to(torch.int64)
+        if g_idx.numel() and int(g_idx.min()) < 0:
+            raise MixedError("an act-order GPTQ layer's g_idx was not loaded (still -1); report this with the recipe")
         scales = tensors["scales"].to(dtype)
         w = (q - zeros[g_idx]).to(dtype) * scales[g_idx]
         return w.t()
@@ -258,7 +260,7 @@ class GptqInt4(Format):
             return params | {
                 "scales": LinearParam((input_size // group, n), None, "channel_scale", None, 1),
                 "qzeros": LinearParam((input_size // group, n // p), i32, "packed_column", None, 1, 1, p),
-                "g_idx": LinearParam((k,), i32, "row", 0, None),
+                "g_idx": LinearParam((k,), i32, "row", 0, None, fill=-1),  # -1: never loaded (dequantize says so)
             }
         return params | {
             "scales": LinearParam((k // group, n), None, "group_scale", input_dim=0, output_dim=1),
