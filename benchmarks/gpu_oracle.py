@@ -8,7 +8,14 @@ stock vLLM on the bf16 / fp8 / gptq directories, and the plugin
 pure recipes give exactly stock's greedy tokens (32 tokens, several prompts);
 the mix is within the serve issue's tolerance of the float32 reference.
 
-Usage (device, after the bundle's env.sh): python3 benchmarks/gpu_oracle.py --out $OUT [--arch NAME]
+``--variants``: instead, the AWQ / act-order GPTQ / 8-bit GPTQ sources (the
+tiny model written by this project's AWQ, GPTQ desc_act and GPTQ int8
+writers): each pure recipe against stock vLLM on its single checkpoint
+(same greedy tokens, teacher-forced logprob gap), and the mix (experts AWQ,
+q/k/v act-order, o_proj int8, rest bf16) against the float32 reference --
+the pairs vLLM's CPU build cannot run on a CPU without AMX.
+
+Usage (device, after the bundle's env.sh): python3 benchmarks/gpu_oracle.py --out $OUT [--arch NAME | --kernels | --variants]
 (``--arch``: a ``make-tiny --arch`` name; the mix is that architecture's tiny recipe)
 """
 
@@ -141,10 +148,14 @@ def main() -> None:
                     help="recipes run at TP N and their stock oracles; tp1: the mix at TP 1 too; mix-export: the "
                     "mix exported to compressed-tensors and served by stock vLLM")  # fmt: skip
     ap.add_argument("--arch", default=None, help="make-tiny --arch name (default: the tiny Qwen3-MoE)")
+    ap.add_argument("--variants", action="store_true", help="the AWQ / act-order / int8 GPTQ sources instead")
     args = ap.parse_args()
     from vllm_mixed.compose import compose
     from vllm_mixed.models import model_named
     from vllm_mixed.models.qwen3_moe import QWEN3_MOE
+
+    if args.variants:
+        return variants_check(Path(args.out), Path(args.work))
 
     final, work = Path(args.out), Path(args.work)
     out_dir = work / "rows"  # per-row logs; packed into one file at the end
@@ -324,3 +335,74 @@ if __name__ == "__main__":
         child(*sys.argv[2:7])
     else:
         main()
+
+
+VARIANT_SOURCES = {"bf16": "bf16", "awq": "awq", "int4a": "gptq-int4-actorder", "int8": "gptq-int8"}
+VARIANT_RECIPES = {
+    "all-awq": ("awq", []),
+    "all-int4-actorder": ("int4a", []),
+    "all-int8": ("int8", []),
+    "mix-variants": ("bf16", [
+        {"targets": ["model.layers.*.mlp.experts"], "source": "awq"},
+        {"targets": ["model.layers.*.self_attn.qkv_proj"], "source": "int4a"},
+        {"targets": ["model.layers.*.self_attn.o_proj"], "source": "int8"},
+    ]),
+}  # fmt: skip
+
+
+def max_gap(a: dict, b: dict) -> float:
+    """Largest |logprob difference| over the tokens both rows returned."""
+    gap = 0.0
+    for seq_a, seq_b in zip(a["teacher"], b["teacher"], strict=True):
+        for pa, pb in zip(seq_a, seq_b, strict=True):
+            gap = max([gap, *(abs(pa[t][0] - pb[t][0]) for t in set(pa) & set(pb))])
+    return gap
+
+
+def variants_check(final: Path, work: Path) -> None:
+    """Stock vLLM on the AWQ / act-order / int8 checkpoints against the
+    plugin's pure recipes of each, and the mix against the reference."""
+    import yaml
+
+    from vllm_mixed.compose import compose
+    from vllm_mixed.formats import UNQUANTIZED
+    from vllm_mixed.formats.awq import AWQ
+    from vllm_mixed.formats.gptq_int4 import act_order_tiny
+    from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
+    from vllm_mixed.plan import build_plan
+    from vllm_mixed.recipe import load_recipe
+    from vllm_mixed.tiny import make_tiny
+
+    out_dir = work / "variant-rows"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tiny = work / "tiny-variants"
+    make_tiny(tiny, formats=(UNQUANTIZED, AWQ, act_order_tiny(), GPTQ_INT8))
+    sources = {name: str(tiny / d) for name, d in VARIANT_SOURCES.items()}
+    results, rows = {}, []
+    for name, directory in VARIANT_SOURCES.items():
+        if name != "bf16":
+            results[f"stock-{name}"] = run(f"stock-{name}", tiny / directory, "auto", out_dir)
+    for name, (default, rules) in VARIANT_RECIPES.items():
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"sources": sources, "base": "bf16", "default": default,
+                                        "dtype": "bfloat16", "rules": rules}))  # fmt: skip
+        plan = build_plan(load_recipe(path))
+        r = results[name] = run(name, compose(plan, work / name), "mixed", out_dir)
+        row = {"recipe": name, "ok": r["ok"]}
+        if r["ok"]:
+            row["top1_vs_fp32_ref"], row["worst_logprob_gap"] = vs_reference(plan, r["teacher"])
+            row["methods"] = r["methods"]
+            stock = results.get(f"stock-{default}") if not rules else None
+            if stock is not None and stock["ok"]:
+                row["same_greedy_as_stock"] = r["tokens"] == stock["tokens"]
+                row["max_logprob_gap_vs_stock"] = max_gap(r, stock)
+        rows.append(row)
+    subprocess.run(["tar", "czf", str(final / "variants-logs.tar.gz"), "-C", str(out_dir), "."], check=False)
+    summary = {k: {kk: vv for kk, vv in v.items() if kk != "teacher"} for k, v in results.items()}
+    (final / "variants.json").write_text(json.dumps({"rows": rows, "results": summary}, indent=1))
+    for row in rows:
+        print(json.dumps({k: v for k, v in row.items() if k != "methods"}))
+        for m in row.get("methods", []):
+            print(f"  {row['recipe']}: {m}")
+    for name, r in results.items():
+        print(f"  {name}: {'ok' if r['ok'] else 'FAILED'}; {'; '.join(r.get('kernels', [])[:4])}")

@@ -244,3 +244,85 @@ def test_debug_shows_traceback(tiny: Any, capsys: pytest.CaptureFixture[str]) ->
     assert "Traceback (most recent call last)" in err
     assert "MixedError" in err
     assert f"vllm-mixed: error: source 'fp8' ({tiny.src('fp8')}): directory does not exist" in err
+
+
+# --- AWQ and act-order GPTQ sources (tiny Llama: bf16, awq, gptq-int4-actorder) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def variants_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_mixed.formats import UNQUANTIZED
+    from vllm_mixed.formats.awq import AWQ
+    from vllm_mixed.formats.gptq_int4 import act_order_tiny
+    from vllm_mixed.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("variants") / "model"
+    make_tiny(root, arch="llama", formats=(UNQUANTIZED, AWQ, act_order_tiny()))
+    return root
+
+
+@pytest.fixture
+def variants(variants_master: Path, tmp_path: Path) -> Any:
+    from tests.conftest import TinyModel
+
+    root = tmp_path / "model"
+    shutil.copytree(variants_master, root)
+    return TinyModel(root, tmp_path, relative=False)
+
+
+def test_awq_qweight_in_gptq_order(variants: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """AWQ packs along the output dim; a GPTQ-packed qweight ([in/8, out])
+    under an AWQ config is named as such. (An AWQ qweight whose nibbles are
+    merely not interleaved has the right shape and dtype: headers cannot
+    tell, only the decoded weights could.)"""
+    from vllm_mixed.formats.awq import awq_unpack
+    from vllm_mixed.formats.gptq_pack import pack_bits
+
+    name = "model.layers.0.self_attn.q_proj.qweight"
+    shard = variants.rewrite("awq", name, lambda t: pack_bits(awq_unpack(t), 0, 4))
+    k = variants.config("awq")["hidden_size"]
+    err = fails(capsys, variants.recipe(default="awq"))
+    assert f"{shard}: tensor {name!r} has shape [{k // 8}, " in err
+    assert "that is GPTQ's layout [in/8, out] (packed along the input dim), not AWQ's [in, out/8]" in err
+    assert "fix quantization_config.quant_method" in err
+
+
+def test_awq_zero_points_missing(variants: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    name = "model.layers.1.mlp.down_proj.qzeros"
+    variants.rewrite("awq", name, lambda t: None)
+    err = fails(capsys, variants.recipe(default="awq"))
+    assert f"tensor {name!r} is in no shard, but layer 'model.layers.1.mlp.down_proj' routed to this source" in err
+    assert "AWQ GEMM (zero_point: true) stores each group's zero points there" in err
+
+
+def test_awq_scales_transposed(variants: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    name = "model.layers.0.mlp.down_proj.scales"
+    variants.rewrite("awq", name, lambda t: t.t().contiguous())
+    err = fails(capsys, variants.recipe(default="awq"))
+    assert f"tensor {name!r} has shape" in err and "that is scales transposed ([out, groups])" in err
+
+
+@pytest.mark.parametrize(
+    "directory,change,expected",
+    [
+        ("awq", {"group_size": 256}, "group_size=256 (vLLM's AWQ kernels take -1, 32, 64, 128"),
+        ("awq", {"bits": 8}, "bits=8 (vLLM's AWQ kernels read 4-bit only)"),
+        ("awq", {"version": "gemv_fast"}, "version='gemv_fast' (only AutoAWQ's 'gemm' packing"),
+        ("gptq-int4-actorder", {"bits": 3}, "bits=3 (4 and 8 are supported: vLLM's GPTQ kernels)"),
+    ],
+)
+def test_quantization_config_the_kernels_refuse(
+    variants: Any, capsys: pytest.CaptureFixture[str], directory: str, change: dict, expected: str
+) -> None:
+    qc = variants.config(directory)["quantization_config"]
+    variants.set_config(directory, quantization_config={**qc, **change})
+    err = fails(capsys, variants.recipe())
+    assert f"({variants.src(directory)}) config.json: unsupported" in err and expected in err
+
+
+def test_act_order_g_idx_missing(variants: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    name = "model.layers.0.self_attn.k_proj.g_idx"
+    variants.rewrite("gptq-int4-actorder", name, lambda t: None)
+    err = fails(capsys, variants.recipe(default="int4a"))
+    assert f"tensor {name!r} is in no shard, but layer 'model.layers.0.self_attn.qkv_proj'" in err
+    assert "the config declares desc_act: true (act-order), whose column-to-group map is this tensor" in err

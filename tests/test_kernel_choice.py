@@ -132,3 +132,14 @@ def test_plan_names_the_backend_per_experts_group(tiny_master):
     groups = {g["group"]: g for g in plan_summary(plan, {})["groups"]}
     assert groups["experts"]["moe_backend_gpu"].startswith("humming (measured table")
     assert groups["attention"]["moe_backend_gpu"] == "-"
+
+
+def test_only_the_measured_variant_gets_the_table():
+    """Humming was measured for 4-bit GPTQ without act-order (its GPTQ schema
+    asserts desc_act false): act-order, 8-bit GPTQ and AWQ keep vLLM's choice."""
+    act_order = {"bits": 4, "group_size": 128, "desc_act": True, "sym": True}
+    assert choose_moe_backend(GPTQ, "int4", recipe(), AUTO, HOPPER, everything, act_order).backend == AUTO
+    plain = dict(act_order, desc_act=False)
+    assert choose_moe_backend(GPTQ, "int4", recipe(), AUTO, HOPPER, everything, plain).backend == "humming"
+    for name in ("gptq_int8", "awq"):
+        assert choose_moe_backend(get_format(name), "int4", recipe(), AUTO, HOPPER, everything, plain).backend == AUTO

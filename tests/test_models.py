@@ -84,8 +84,8 @@ def test_make_tiny_formats_option(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["bf16", "gptq-int4", "recipe.yaml"]
     assert "source: int4" in (tmp_path / "t" / "recipe.yaml").read_text()
     capsys.readouterr()
-    assert main(["make-tiny", str(tmp_path / "u"), "--formats", "awq"]) == 2
-    assert "--formats 'awq': unknown ['awq']" in capsys.readouterr().err
+    assert main(["make-tiny", str(tmp_path / "u"), "--formats", "exl2"]) == 2
+    assert "--formats 'exl2': unknown ['exl2']" in capsys.readouterr().err
 
 
 def test_qwen2_biases_are_float_members_in_every_format(tmp_path: Path) -> None:

@@ -70,14 +70,13 @@ def test_detect_format_accepts(qc: dict[str, Any] | None, expected: str) -> None
             {**FP8_QUANT_CONFIG, "activation_scheme": "static"},
             "block FP8 needs activation_scheme 'dynamic', got 'static'",
         ),
-        ({**GPTQ_QUANT_CONFIG, "bits": 8}, "bits=8 (only 4 is supported)"),
-        ({**GPTQ_QUANT_CONFIG, "desc_act": True}, "desc_act=true"),
+        ({**GPTQ_QUANT_CONFIG, "bits": 3}, "bits=3 (4 and 8 are supported"),
         (
             {**GPTQ_QUANT_CONFIG, "checkpoint_format": "gptq_v2"},
             "checkpoint_format='gptq_v2' (only the v1 'gptq' layout)",
         ),
         ({**GPTQ_QUANT_CONFIG, "group_size": -1}, "group_size=-1 (needs a positive group size such as 128)"),
-        ({"quant_method": "awq", "bits": 4}, "quantization_config.quant_method 'awq' is not supported"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version='gemv' (only AutoAWQ's 'gemm' packing"),
         ({"quant_method": "compressed-tensors"}, "quant_method 'compressed-tensors' is not supported"),
     ],
 )
@@ -91,8 +90,8 @@ def test_detect_format_refuses(qc: dict[str, Any], expected: str) -> None:
 
 def test_gptq_refusal_lists_every_problem() -> None:
     with pytest.raises(MixedError) as exc:
-        detect_format({**GPTQ_QUANT_CONFIG, "bits": 8, "desc_act": True}, "here")
-    assert "bits=8" in str(exc.value) and "desc_act=true" in str(exc.value)
+        detect_format({**GPTQ_QUANT_CONFIG, "bits": 2, "checkpoint_format": "gptq_v2"}, "here")
+    assert "bits=2" in str(exc.value) and "checkpoint_format='gptq_v2'" in str(exc.value)
 
 
 def test_unknown_method_lists_supported() -> None:

@@ -56,7 +56,9 @@ class MixedPrecisionConfig(QuantizationConfig):
             for name, src in composition.sources.items():
                 fmt = get_format(src.format)
                 if fmt.quantized and src.quantization_config:
-                    self.native[name] = fmt.vllm_config(src.quantization_config, composition.quantized_modules(name))
+                    native = fmt.vllm_config(src.quantization_config, composition.quantized_modules(name))
+                    if native is not None:  # None: this vLLM has no method for it, every layer falls back
+                        self.native[name] = native
         self._logged: set[tuple[str, str, str, str]] = set()
         self._shards_checked: set[Any] = set()
 
@@ -96,6 +98,15 @@ class MixedPrecisionConfig(QuantizationConfig):
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         for native in self.native.values():
             native.apply_vllm_mapper(hf_to_vllm_mapper)
+
+    def get_checkpoint_weight_mapper(self) -> Any:
+        """vLLM >= 0.27 drops every checkpoint ``.g_idx`` here; the plugin's
+        loader yields exactly the tensors the layers load (``loader.unloadable``
+        leaves out a ``g_idx`` no layer registered), and the act-order GPTQ
+        fallback needs its ``g_idx``: nothing is dropped."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return WeightsMapper()
 
     def _require(self) -> Composition:
         if self.composition is None:
@@ -153,9 +164,9 @@ class MixedPrecisionConfig(QuantizationConfig):
         moe = layer.moe_config
         layout = engine_layout()
         capability = layout.capability if layout is not None else None
-        choice = choose_moe_backend(
-            fmt, source, self._require().recipe, moe.moe_backend, capability, moe_backend_available
-        )
+        comp = self._require()
+        qc = comp.sources[source].quantization_config
+        choice = choose_moe_backend(fmt, source, comp.recipe, moe.moe_backend, capability, moe_backend_available, qc)
         moe.moe_backend = choice.backend
         try:
             method = native.get_quant_method(layer, prefix)

@@ -9,9 +9,9 @@ plugin sets the backend per experts layer, in this order:
 
 1. the user's ``--moe-backend`` (anything but ``auto``) wins for every layer;
 2. the recipe's ``kernels: {SOURCE: {moe_backend: NAME}}``;
-3. the format's measured table (``Format.moe_kernels``: CUDA capability ->
-   backend, written from ``benchmarks/RESULTS.md``), where that backend's
-   package is importable here;
+3. the format's measured table (``Format.measured_moe_backend``: CUDA
+   capability -> backend, for the variants measured, written from
+   ``benchmarks/RESULTS.md``), where that backend's package is importable;
 4. otherwise ``auto``: vLLM's own choice.
 
 vLLM's own check still decides: a backend it refuses for a layer (its
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vllm_mixed.formats.base import Format
@@ -60,6 +60,7 @@ def choose_moe_backend(
     user_backend: str,
     capability: int | None,
     available: Callable[[str], bool],
+    quant_config: dict[str, Any] | None = None,
 ) -> MoeChoice:
     """The MoE backend for experts of ``fmt`` from ``source`` (see the module
     docstring for the order). ``available(name)`` says whether a backend's
@@ -69,7 +70,7 @@ def choose_moe_backend(
     chosen = recipe.kernels.get(source)
     if chosen is not None and chosen.moe_backend:
         return MoeChoice(chosen.moe_backend, RECIPE, f"kernels.{source}.moe_backend")
-    measured = fmt.moe_kernels.get(capability) if capability is not None and fmt.quantized else None
+    measured = fmt.measured_moe_backend(capability, quant_config) if capability is not None and fmt.quantized else None
     if measured and available(measured):
         return MoeChoice(measured, MEASURED, f"{fmt.name} on sm{capability}")
     return MoeChoice(AUTO, DEFAULT)

@@ -37,7 +37,7 @@ from vllm_mixed.plan import LoadPlan
 from vllm_mixed.safetensors_header import TensorInfo, read_header
 from vllm_mixed.vllm_compat import OPTIONAL_UNLOADED_PARAMS, normalize_param_name
 
-__all__ = ["MixedModelLoader", "stream_plan"]
+__all__ = ["MixedModelLoader", "stream_plan", "unloadable"]
 
 logger = init_logger("vllm.vllm_mixed.loader")
 
@@ -133,7 +133,9 @@ def _read_run(fd: int, path: str, run: list[TensorInfo]) -> list[torch.Tensor]:
     return out
 
 
-def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def stream_plan(
+    plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True, skip: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(checkpoint name, tensor)`` for every planned tensor. Each
     shard is read once, front to back, by a worker thread, in large reads
     of back-to-back planned tensors (``_chunks``) with the kernel's readahead
@@ -146,12 +148,15 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
     closing it early), the reader threads are stopped and joined and the
     tensors read ahead are dropped before control returns; the raised error
     carries no reference to tensor data. Close the generator (or exhaust it)
-    rather than abandon it: until it is closed the readers wait on the queue."""
+    rather than abandon it: until it is closed the readers wait on the queue.
+    ``skip``: planned tensor names not to read (see :func:`unloadable`)."""
     fmt_of = {}
     for p in plan.layers:
         for t in p.tensors:
             fmt_of[(str(t.file), t.name)] = p.format
-    by_file = plan.tensors_by_file()
+    by_file = {
+        f: kept for f, items in plan.tensors_by_file().items() if (kept := [i for i in items if i[1].name not in skip])
+    }
     total = sum(t.nbytes for items in by_file.values() for _, t in items)
     q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_CHUNKS)
     stop = threading.Event()
@@ -230,6 +235,28 @@ def stream_plan(plan: LoadPlan, model_dtype: torch.dtype, progress: bool = True)
         bar.close()
 
 
+def unloadable(model: torch.nn.Module, plan: LoadPlan) -> frozenset[str]:
+    """Planned optional tensors (``OPTIONAL_UNLOADED_PARAMS``, e.g. GPTQ's
+    ``g_idx``) whose layer registered no parameter for them: vLLM 0.26's GPTQ
+    methods and the act-order fallback load ``g_idx``, vLLM 0.32's GPTQ
+    methods have none (its own loader drops every ``.g_idx``, the plugin's
+    config keeps them: ``MixedPrecisionConfig.get_checkpoint_weight_mapper``)."""
+    out = set()
+    for p in plan.layers:
+        optional = [t for t in p.tensors if t.name.rsplit(".", 1)[-1] in OPTIONAL_UNLOADED_PARAMS]
+        if not optional:
+            continue
+        try:
+            names = {n.rsplit(".", 1)[-1] for n, _ in model.get_submodule(p.layer.name).named_parameters()}
+        except AttributeError:
+            continue
+        for t in optional:
+            suffix = t.name.rsplit(".", 1)[-1]
+            if not any(n == suffix or n.endswith("_" + suffix) for n in names):
+                out.add(t.name)
+    return frozenset(out)
+
+
 class MixedModelLoader(BaseModelLoader):
     """Loads a model whose quantization config is ``mixed`` from its sources."""
 
@@ -248,7 +275,7 @@ class MixedModelLoader(BaseModelLoader):
         comp = quant.composition
         start = time.perf_counter()
         plan = comp.verified_plan()  # every shard's header and identity against the files now on disk
-        stream = stream_plan(plan, model_config.dtype)
+        stream = stream_plan(plan, model_config.dtype, skip=unloadable(model, plan))
         try:
             loaded = model.load_weights(stream)
         finally:

@@ -219,10 +219,11 @@ def layer_tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]
             if not src.has(name):
                 if spec.optional:
                     continue
+                hint = get_format(fmt).missing_hint(suffix, src.quant_config)
                 raise MixedError(
                     f"{src.where}: tensor {name!r} is in no shard, but layer {layer.name!r} routed to this source "
-                    f"as {fmt} needs it; check the source is the {fmt.replace('_', ' ')} checkpoint of this model, "
-                    "or route the layer elsewhere"
+                    f"as {fmt} needs it; " + (f"{hint}; " if hint else "") + f"check the source is the "
+                    f"{fmt.replace('_', ' ')} checkpoint of this model, or route the layer elsewhere"
                 )
             info = src.tensor(name)
             if info.dtype not in spec.dtypes:
@@ -232,9 +233,11 @@ def layer_tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]
                     "(wrong directory, or a checkpoint of another format)"
                 )
             if info.shape != spec.shape:
+                hint = get_format(fmt).shape_hint(suffix, info.shape, spec, src.quant_config)
                 raise MixedError(
                     f"{info.file}: tensor {name!r} has shape {list(info.shape)} but the model config implies "
-                    f"{list(spec.shape)} for {fmt}; the source is a different model or its config.json is wrong"
+                    f"{list(spec.shape)} for {fmt}; "
+                    + (hint or "the source is a different model or its config.json is wrong")
                 )
             out.append(info)
     return tuple(out)
@@ -266,7 +269,8 @@ def plan_summary(
             cpu = cpu_method(f, kind, plan.sources[s].quant_config)
         backend = "-"
         if kind == "experts":  # on Hopper, where the backend's package is installed (the engine checks)
-            backend = choose_moe_backend(get_format(f), s, plan.recipe, AUTO, HOPPER, lambda _: True).describe()
+            qc = plan.sources[s].quant_config
+            backend = choose_moe_backend(get_format(f), s, plan.recipe, AUTO, HOPPER, lambda _: True, qc).describe()
         groups.append({"group": g, "source": s, "format": f, "precision": p, "layers": n, "bytes": b,
                        "vllm_method_gpu": gpu, "moe_backend_gpu": backend, "vllm_method_cpu": cpu})  # fmt: skip
     return {

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_mixed.errors import MixedError
+from vllm_mixed.formats.awq import AWQ
 from vllm_mixed.formats.base import Format, TensorSpec
 from vllm_mixed.formats.fp8_block import FP8_BLOCK
 from vllm_mixed.formats.gptq_int4 import GPTQ_INT4
+from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
 from vllm_mixed.formats.unquantized import UNQUANTIZED
 
 __all__ = [
@@ -35,6 +37,8 @@ def register_format(fmt: Format) -> Format:
 register_format(UNQUANTIZED)
 register_format(FP8_BLOCK)
 register_format(GPTQ_INT4)
+register_format(GPTQ_INT8)
+register_format(AWQ)
 
 FORMAT_NAMES = tuple(FORMATS)
 # what `make-tiny` writes by default, in this order

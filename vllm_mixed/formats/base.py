@@ -43,13 +43,14 @@ class LinearParam:
     """One parameter vLLM's linear method for a format registers on one rank
     (the CPU fallback registers the same): its shape, dtype (``None``: the
     model's), vLLM parameter class (``weight``, ``packed``, ``group_scale``,
-    ``block_scale``) and the dims its weight loader shards along."""
+    ``block_scale``, ``channel_scale``, ``packed_column``, ``row``) and the
+    dims its weight loader shards along (``None``: the class takes no such dim)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None
     kind: str
-    input_dim: int
-    output_dim: int
+    input_dim: int | None
+    output_dim: int | None
     packed_dim: int | None = None
     packed_factor: int | None = None
     fill: float | None = None  # initial value; None: uninitialised
@@ -125,6 +126,16 @@ class Format:
         """Checkpoint tensor suffix -> spec, for a ``[out, in]`` linear."""
         raise NotImplementedError
 
+    def missing_hint(self, suffix: str, quant_config: QuantConfig) -> str:
+        """Why a checkpoint needs tensor ``suffix`` and how to fix its absence
+        (appended to the plan's error; ``""``: nothing to add)."""
+        return ""
+
+    def shape_hint(self, suffix: str, shape: tuple[int, ...], spec: TensorSpec, quant_config: QuantConfig) -> str:
+        """What a tensor of a wrong ``shape`` most likely is (e.g. another
+        format's layout), appended to the plan's error; ``""``: nothing."""
+        return ""
+
     def runtime_dtype(self, suffix: str, model_dtype: torch.dtype) -> torch.dtype | None:
         """The dtype vLLM's parameter for a checkpoint tensor holds (the loader
         casts to it); ``None``: as stored."""
@@ -152,6 +163,11 @@ class Format:
         return []
 
     # --- vLLM --------------------------------------------------------------------------------------------------
+    def measured_moe_backend(self, capability: int, quant_config: QuantConfig) -> str | None:
+        """The vLLM MoE backend measured fastest for these experts on this
+        CUDA capability (``moe_kernels``); ``None``: leave it to vLLM."""
+        return self.moe_kernels.get(capability)
+
     def vllm_methods(self) -> tuple[str, str]:
         """(linear, MoE) class names of the methods vLLM hands out for this
         format (what ``plan`` predicts; the engine logs what it built)."""

@@ -1,12 +1,16 @@
-"""GPTQ int4 in the v1 checkpoint layout (AutoGPTQ / GPTQModel, read by
-vLLM's ``AutoGPTQConfig``: Machete or Marlin linears, Marlin MoE).
+"""GPTQ in the v1 checkpoint layout (AutoGPTQ / GPTQModel, read by vLLM's
+``AutoGPTQConfig``: Machete or Marlin linears, Marlin MoE), 4-bit; the 8-bit
+variant (``gptq_int8``) subclasses it. Both read ``desc_act: true``.
 
-Per quantized linear with K inputs, N outputs and group size g:
-``qweight`` int32 [K/8, N] (eight 4-bit values along K, lowest nibble first),
-``qzeros`` int32 [K/g, N/8] (packed along N), ``scales`` fp16 [K/g, N],
+Per quantized linear with K inputs, N outputs, group size g and p = 32 // bits
+values per word: ``qweight`` int32 [K/p, N] (p values along K, lowest bits
+first), ``qzeros`` int32 [K/g, N/p] (packed along N), ``scales`` fp16 [K/g, N],
 ``g_idx`` int32 [K]. The v1 layout stores the zero point minus one, so a
-symmetric checkpoint's qzeros words are all 0x77777777 (zero point 8).
+symmetric 4-bit checkpoint's qzeros words are all 0x77777777 (zero point 8).
 real weight[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n].
+Without act-order ``g_idx[k] = k // g`` (vLLM recomputes it); with
+``desc_act: true`` it is a permutation's positions // g (``act_order_g_idx``)
+and the checkpoint must hold it.
 """
 
 from __future__ import annotations
@@ -17,18 +21,20 @@ import torch
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats.base import ExpertParam, ExportScheme, Format, LinearParam, TensorSpec, TinyLayout
-from vllm_mixed.parallel import FAILS, FALLBACK, HOPPER, OK
+from vllm_mixed.formats.gptq_pack import act_order_g_idx, dequantize_stacked, fp16_scale, pack_bits, unpack_bits
+from vllm_mixed.formats.gptq_rules import gptq_linear_rule, gptq_moe_rule
+from vllm_mixed.parallel import HOPPER
 
 if TYPE_CHECKING:
     from vllm_mixed.models.base import Geometry
     from vllm_mixed.parallel import LinearShard, Parallel
 
-__all__ = ["GPTQ_INT4", "GPTQ_QUANT_CONFIG", "dequantize_stacked", "pack_int4", "unpack_int4"]
+__all__ = [
+    "GPTQ_ACT_ORDER_QUANT_CONFIG", "GPTQ_INT4", "GPTQ_QUANT_CONFIG", "GptqInt4", "act_order", "act_order_tiny",
+    "dequantize_stacked", "pack_int4", "unpack_int4",
+]  # fmt: skip
 
-BITS = 4
-PER_WORD = 32 // BITS  # 8
-MAXQ = 2**BITS - 1  # 15
-SYM_ZEROS = 0x77777777  # v1 stores zero point - 1: eight nibbles of 7 is zero point 8
+GPTQ_METHODS = ("gptq", "gptq_marlin", "auto_gptq")
 
 # As published for Qwen/Qwen3-30B-A3B-GPTQ-Int4.
 GPTQ_QUANT_CONFIG: dict[str, Any] = {
@@ -47,65 +53,22 @@ GPTQ_QUANT_CONFIG: dict[str, Any] = {
 
 
 def pack_int4(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """Pack 4-bit values (0..15) eight to an int32 word along ``dim``
-    (value j of a word in bits 4j..4j+3)."""
-    v = values.to(torch.int64).movedim(dim, -1)
-    if v.shape[-1] % PER_WORD:
-        raise ValueError(f"cannot pack {v.shape[-1]} values eight to a word")
-    if v.numel() and (v.min() < 0 or v.max() > MAXQ):
-        raise ValueError("int4 values must lie in 0..15")
-    v = v.reshape(*v.shape[:-1], -1, PER_WORD)
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int64, device=v.device)
-    words = (v << shifts).sum(dim=-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
-    return words.to(torch.int32).movedim(-1, dim).contiguous()
+    """Pack 4-bit values (0..15) eight to an int32 word along ``dim``."""
+    return pack_bits(values, dim, 4)
 
 
 def unpack_int4(words: torch.Tensor, dim: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: int32 words -> values 0..15 in ``dtype``.
-    Unpacked in int32 (the arithmetic shift's sign bits are masked off), a
-    quarter of the traffic of int64; ``dtype=torch.int32`` skips the cast."""
-    d = dim % words.dim()
-    shape = [1] * (words.dim() + 1)
-    shape[d + 1] = PER_WORD
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int32, device=words.device).view(shape)
-    v = ((words.to(torch.int32).unsqueeze(d + 1) >> shifts) & MAXQ).flatten(d, d + 1)
-    return v.to(dtype)
-
-
-def dequantize_stacked(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype,
-    out_dtype: torch.dtype, chunk: int = 16,
-) -> torch.Tensor:  # fmt: skip
-    """Experts stacked as vLLM's MoE registers them (``qweight`` [E, K/8, N],
-    ``qzeros`` [E, K/g, N/8], ``scales`` [E, K/g, N], sequential groups) to
-    [E, N, K] in ``out_dtype``, ``chunk`` experts at a time; equal to
-    :meth:`GptqInt4.dequantize` per expert computed in ``dtype``."""
-    e, k8, n = qweight.shape
-    k = k8 * PER_WORD
-    g = k if group == -1 else group
-    out = torch.empty(e, n, k, dtype=out_dtype)
-    for lo in range(0, e, chunk):
-        hi = min(lo + chunk, e)
-        # transpose the packed words (1/8 of the values) so every later step writes [N, K] contiguously
-        q = unpack_int4(qweight[lo:hi].transpose(1, 2), 2, torch.int32).view(hi - lo, n, k // g, g)
-        zeros = (unpack_int4(qzeros[lo:hi], 2, torch.int32) + 1).transpose(1, 2).unsqueeze(3)
-        w = (q - zeros).to(dtype) * scales[lo:hi].transpose(1, 2).to(dtype).unsqueeze(3)
-        out[lo:hi] = w.view(hi - lo, n, k)
-    return out
-
-
-def _fp16_scale(need: torch.Tensor) -> torch.Tensor:
-    """``need`` (float64) as an fp16 scale that is never smaller: rounding it
-    down would push a group's extremes past the last step (error > scale/2).
-    Never zero, so all-zero groups quantize to exact zeros."""
-    scale = need.clamp(min=2**-24).to(torch.float16)
-    up = torch.nextafter(scale, torch.tensor(torch.inf, dtype=torch.float16, device=scale.device))
-    return torch.where(scale.to(torch.float64) < need, up, scale)
+    """Inverse of :func:`pack_int4`."""
+    return unpack_bits(words, dim, 4, dtype)
 
 
 def group_size(quant_config: dict[str, Any] | None) -> int:
     return int((quant_config or {}).get("group_size", 128))
+
+
+def act_order(quant_config: dict[str, Any] | None) -> bool:
+    """``desc_act: true`` with groups (AutoGPTQConfig: channelwise act-order is a no-op)."""
+    return bool((quant_config or {}).get("desc_act")) and group_size(quant_config) != -1
 
 
 class GptqInt4(Format):
@@ -113,79 +76,109 @@ class GptqInt4(Format):
     description = "gptq (4-bit)"
     tiny = TinyLayout("gptq-int4", GPTQ_QUANT_CONFIG, "float16", "int4")
     moe_kernels = {HOPPER: "humming"}  # H200: 1.11x Marlin's throughput (benchmarks/RESULTS.md, "MoE backend")
+    bits = 4
+
+    def measured_moe_backend(self, capability: int, quant_config: dict[str, Any] | None) -> str | None:
+        # measured for 4-bit without act-order only; Humming's GPTQ schema asserts desc_act false
+        if self.bits != 4 or (quant_config or {}).get("desc_act"):
+            return None
+        return super().measured_moe_backend(capability, quant_config)
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def sym_zeros(self) -> int:
+        """A qzeros word of zero points 2**(bits-1), stored minus one (v1)."""
+        return int(pack_bits(torch.full((self.per_word,), 2 ** (self.bits - 1) - 1), 0, self.bits))
 
     def claims(self, quant_config: dict[str, Any]) -> bool:
-        return str(quant_config.get("quant_method", "")).lower() in ("gptq", "gptq_marlin", "auto_gptq")
+        return str(quant_config.get("quant_method", "")).lower() in GPTQ_METHODS and quant_config.get("bits") != 8
 
     def validate(self, quant_config: dict[str, Any], where: str) -> None:
         problems = []
-        if quant_config.get("bits") != 4:
-            problems.append(f"bits={quant_config.get('bits')!r} (only 4 is supported)")
+        if quant_config.get("bits") != self.bits:
+            problems.append(f"bits={quant_config.get('bits')!r} (4 and 8 are supported: vLLM's GPTQ kernels)")
         if quant_config.get("checkpoint_format", "gptq") != "gptq":
             problems.append(f"checkpoint_format={quant_config.get('checkpoint_format')!r} (only the v1 'gptq' layout)")
-        if quant_config.get("desc_act"):
-            problems.append("desc_act=true (vLLM >= 0.27 rejects act-order GPTQ; use a desc_act=false checkpoint)")
         if not isinstance(quant_config.get("group_size"), int) or quant_config["group_size"] <= 0:
             problems.append(f"group_size={quant_config.get('group_size')!r} (needs a positive group size such as 128)")
         if problems:
             raise MixedError(f"{where}: unsupported GPTQ checkpoint: " + "; ".join(problems))
 
     def precision(self, quant_config: dict[str, Any] | None, dtype: str = "bfloat16") -> str:
-        return f"int4-g{group_size(quant_config)}"
+        return f"int{self.bits}-g{group_size(quant_config)}" + ("-actorder" if act_order(quant_config) else "")
 
     def specs(self, out_features: int, in_features: int, quant_config: dict[str, Any] | None) -> dict[str, TensorSpec]:
-        g = group_size(quant_config)
+        g, p = group_size(quant_config), self.per_word
         k, n = in_features, out_features
         return {
-            "qweight": TensorSpec(("I32",), (k // PER_WORD, n)),
-            "qzeros": TensorSpec(("I32",), (k // g, n // PER_WORD)),
+            "qweight": TensorSpec(("I32",), (k // p, n)),
+            "qzeros": TensorSpec(("I32",), (k // g, n // p)),
             "scales": TensorSpec(("F16", "BF16"), (k // g, n)),
-            "g_idx": TensorSpec(("I32",), (k,), optional=True),  # vLLM recomputes it without act-order
+            # vLLM recomputes it without act-order; with desc_act: true it is the column order
+            "g_idx": TensorSpec(("I32",), (k,), optional=not act_order(quant_config)),
         }
+
+    def missing_hint(self, suffix: str, quant_config: dict[str, Any] | None) -> str:
+        if suffix == "g_idx":
+            return (
+                "the config declares desc_act: true (act-order), whose column-to-group map is this tensor; without "
+                "it the weights cannot be decoded. Use the complete checkpoint, or fix desc_act if it is not act-order"
+            )
+        return ""
 
     def runtime_dtype(self, suffix: str, model_dtype: torch.dtype) -> torch.dtype | None:
         return model_dtype if suffix == "scales" else None  # vLLM allocates scales in the model dtype
 
     def quantize(self, weight: torch.Tensor, quant_config: dict[str, Any] | None, **_: Any) -> dict[str, torch.Tensor]:
         """Round-to-nearest GPTQ packing (no calibration); symmetric unless the
-        config says ``sym: false``. Scales are rounded to fp16 first so the
-        stored tensors dequantize exactly to what the reference computes."""
-        g = group_size(quant_config)
+        config says ``sym: false``; with ``desc_act: true`` the groups follow
+        :func:`act_order_g_idx`. Scales are rounded to fp16 first so the stored
+        tensors dequantize exactly to what the reference computes."""
+        g, bits, p = group_size(quant_config), self.bits, self.per_word
+        maxq = 2**bits - 1
         sym = (quant_config or {}).get("sym", True)
         n, k = weight.shape
-        if k % g or k % PER_WORD or n % PER_WORD:
-            raise ValueError(f"GPTQ needs in_features % {g} == 0 and dims % 8 == 0, got [{n}, {k}]")
-        w = weight.to(torch.float64).t().reshape(k // g, g, n)  # [groups, g, N]
+        if k % g or k % p or n % p:
+            raise ValueError(f"GPTQ needs in_features % {g} == 0 and dims % {p} == 0, got [{n}, {k}]")
+        g_idx = act_order_g_idx(k, g) if act_order(quant_config) else (torch.arange(k) // g).to(torch.int32)
+        order = torch.argsort(g_idx.to(torch.int64), stable=True).to(weight.device)  # the columns of group 0, 1, ...
+        w = weight.to(torch.float64).t()[order].reshape(k // g, g, n)  # [groups, g, N]
         if sym:
             amax = w.abs().amax(dim=1)
-            scale = _fp16_scale(2 * amax / MAXQ)
-            zero = torch.full_like(amax, 8, dtype=torch.int64)
+            scale = fp16_scale(2 * amax / maxq)
+            zero = torch.full_like(amax, 2 ** (bits - 1), dtype=torch.int64)
         else:
             lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
             # v1 cannot store zero point 0 (it stores zero - 1), so the top of
-            # the range is at most 14.5 steps above zero when the group is >= 0
-            scale = _fp16_scale(torch.maximum((hi - lo) / MAXQ, hi / (MAXQ - 0.5)))
-            zero = torch.round(-lo / scale.to(torch.float64)).clamp(1, MAXQ).to(torch.int64)
-        s64 = scale.to(torch.float64)
-        q = torch.round(w / s64.unsqueeze(1)) + zero.unsqueeze(1)
-        q = q.clamp(0, MAXQ).to(torch.int64).reshape(k, n)
+            # the range is at most maxq - 0.5 steps above zero when the group is >= 0
+            scale = fp16_scale(torch.maximum((hi - lo) / maxq, hi / (maxq - 0.5)))
+            zero = torch.round(-lo / scale.to(torch.float64)).clamp(1, maxq).to(torch.int64)
+        q = torch.round(w / scale.to(torch.float64).unsqueeze(1)) + zero.unsqueeze(1)
+        q_sorted = q.clamp(0, maxq).to(torch.int64).reshape(k, n)
+        q = torch.empty_like(q_sorted)
+        q[order] = q_sorted
         return {
-            "qweight": pack_int4(q, dim=0),
-            "qzeros": pack_int4(zero - 1, dim=1),  # v1 layout stores zero - 1
+            "qweight": pack_bits(q, 0, bits),
+            "qzeros": pack_bits(zero - 1, 1, bits),  # v1 layout stores zero - 1
             "scales": scale.contiguous(),
-            "g_idx": (torch.arange(k, device=weight.device) // g).to(torch.int32),
+            "g_idx": g_idx.to(weight.device),
         }
 
     def dequantize(
         self, tensors: dict[str, torch.Tensor], quant_config: dict[str, Any] | None, dtype: torch.dtype = torch.float64
     ) -> torch.Tensor:
-        q = unpack_int4(tensors["qweight"], dim=0)  # [K, N]
+        q = unpack_bits(tensors["qweight"], 0, self.bits)  # [K, N]
         k = q.shape[0]
-        zeros = unpack_int4(tensors["qzeros"], dim=1) + 1  # [G, N]
+        zeros = unpack_bits(tensors["qzeros"], 1, self.bits) + 1  # [G, N]
         g_idx = tensors.get("g_idx")
         if g_idx is None:
             g_idx = torch.arange(k, device=q.device) // group_size(quant_config)
         g_idx = g_idx.to(torch.int64)
+        if g_idx.numel() and int(g_idx.min()) < 0:
+            raise MixedError("an act-order GPTQ layer's g_idx was not loaded (still -1); report this with the recipe")
         scales = tensors["scales"].to(dtype)
         w = (q - zeros[g_idx]).to(dtype) * scales[g_idx]
         return w.t()
@@ -194,55 +187,70 @@ class GptqInt4(Format):
         self, tensors: dict[str, torch.Tensor], quant_config: dict[str, Any] | None, out_dtype: torch.dtype
     ) -> torch.Tensor:
         q, z, s = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-        return dequantize_stacked(q, z, s, group_size(quant_config), torch.float32, out_dtype)
+        return dequantize_stacked(q, z, s, group_size(quant_config), torch.float32, out_dtype, bits=self.bits)
 
     # --- vLLM ----------------------------------------------------------------------------------------------------
     def vllm_methods(self) -> tuple[str, str]:
         return "AutoGPTQLinearMethod", "AutoGPTQMoEMethod"
 
     def vllm_config(self, quant_config: dict[str, Any], quantized_modules: list[str]) -> Any:
+        """vLLM fills modules_in_block_to_quantize from safetensors dtypes in
+        maybe_update_config, never called for a sub-config; the MoE-WNA16
+        fallback needs quant_method in the dict. vLLM >= 0.27 refuses
+        desc_act: true (gptq_utils.normalize_and_validate_gptq_desc_act): on its
+        CPU build every such layer runs on the fallback (``cpu_kernel``), so
+        there is no config; on CUDA it is an error."""
         from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+        from vllm.platforms import current_platform
 
-        # vLLM fills modules_in_block_to_quantize from safetensors dtypes in
-        # maybe_update_config, which is never called for a sub-config; the
-        # MoE-WNA16 fallback needs quant_method in the dict.
         cfg = {**quant_config, "quant_method": "gptq", "modules_in_block_to_quantize": list(quantized_modules)}
-        return AutoGPTQConfig.from_config(cfg)
+        try:
+            return AutoGPTQConfig.from_config(cfg)
+        except ValueError as exc:
+            if not act_order(quant_config):
+                raise
+            if current_platform.is_cpu():
+                return None
+            raise MixedError(
+                f"a GPTQ source has desc_act: true, which this vLLM refuses ({exc}); vLLM 0.26 runs act-order GPTQ on "
+                "Marlin. Route its layers to a desc_act: false, AWQ or bf16 source"
+            ) from None
 
     def cpu_kernel(self, kind: str, quant_config: dict[str, Any]) -> str | None:
         """vLLM's CPU int4 GEMMs (``choose_mp_linear_kernel`` on this
         platform's list) and int4 MoE experts (its WNA16 oracle's CPU
         backends), each by its own checks; CPUWNA16LinearKernel's op
         ``cpu_gemm_wna16`` is missing from the AVX2 build, which its checks
-        do not see (it would fail at the first forward)."""
+        do not see (it would fail at the first forward). Act-order has no
+        kernel in vLLM >= 0.27 (its config refuses it)."""
         import torch
 
+        if act_order(quant_config):
+            return "vLLM >= 0.27 has no act-order GPTQ kernel (desc_act: true is refused by AutoGPTQConfig)"
         if kind == "experts":
+            if self.bits != 4:
+                return f"vLLM's CPU MoE experts are int4 only (CPUExpertsInt4), this source is int{self.bits}"
             from vllm.model_executor.layers.fused_moe.oracle import int_wna16 as oracle
 
-            backends = [oracle.WNA16MoEBackend.CPU]
-            classes = [c for b in backends for c in oracle.backend_to_kernel_cls(b)]
+            classes = list(oracle.backend_to_kernel_cls(oracle.WNA16MoEBackend.CPU))
             if any(c._supports_current_device() for c in classes):
                 return None
             return f"no int4 MoE experts for this CPU: {', '.join(c.__name__ for c in classes)} do not support it"
         from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
         from vllm.scalar_type import scalar_types
 
-        g = group_size(quant_config)
         sym = bool(quant_config.get("sym", True))
+        weight_type = {(4, True): scalar_types.uint4b8, (4, False): scalar_types.uint4, (8, True): scalar_types.uint8b128,
+                       (8, False): scalar_types.uint8}[(self.bits, sym)]  # fmt: skip
         # a representative shape: the CPU kernels' checks that depend on it (K, N % 32) hold for real models
         config = MPLinearLayerConfig(
-            full_weight_shape=(4096, 4096),
-            partition_weight_shape=(4096, 4096),
-            weight_type=scalar_types.uint4b8 if sym else scalar_types.uint4,
-            act_type=torch.bfloat16,
-            group_size=g,
-            zero_points=not sym,
-        )  # fmt: skip (act-order is refused at detection)
+            full_weight_shape=(4096, 4096), partition_weight_shape=(4096, 4096), weight_type=weight_type,
+            act_type=torch.bfloat16, group_size=group_size(quant_config), zero_points=not sym,
+        )  # fmt: skip
         try:
             kernel = choose_mp_linear_kernel(config)
         except ValueError as exc:
-            return f"no int4 GEMM for this CPU: {exc}"
+            return f"no int{self.bits} GEMM for this CPU: {exc}"
         if kernel.__name__ == "CPUWNA16LinearKernel" and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
             return "CPUWNA16LinearKernel's op cpu_gemm_wna16 is not in this CPU's vLLM kernel build (AVX2)"
         return None
@@ -250,121 +258,81 @@ class GptqInt4(Format):
     def linear_params(
         self, k: int, parts: list[int], input_size: int, quant_config: dict[str, Any] | None
     ) -> dict[str, LinearParam]:
-        """As AutoGPTQLinearMethod registers them (act-order is refused earlier)."""
-        g = group_size(quant_config)
-        n, group = sum(parts), g if g != -1 else input_size
-        i32 = torch.int32
-        return {
-            "qweight": LinearParam((k // PER_WORD, n), i32, "packed", 0, 1, packed_dim=0, packed_factor=PER_WORD),
+        """As AutoGPTQLinearMethod registers them (vLLM 0.26 with act-order:
+        scales and zeros of all K/g groups on every rank, ``g_idx`` split
+        along K, marlin_utils.marlin_repeat_scales_on_all_ranks)."""
+        g, p, n, i32 = group_size(quant_config), self.per_word, sum(parts), torch.int32
+        group = g if g != -1 else input_size
+        params = {"qweight": LinearParam((k // p, n), i32, "packed", 0, 1, packed_dim=0, packed_factor=p)}
+        if act_order(quant_config):
+            return params | {
+                "scales": LinearParam((input_size // group, n), None, "channel_scale", None, 1),
+                "qzeros": LinearParam((input_size // group, n // p), i32, "packed_column", None, 1, 1, p),
+                "g_idx": LinearParam((k,), i32, "row", 0, None, fill=-1),  # -1: never loaded (dequantize says so)
+            }
+        return params | {
             "scales": LinearParam((k // group, n), None, "group_scale", input_dim=0, output_dim=1),
-            "qzeros": LinearParam((k // group, n // PER_WORD), i32, "packed", 0, 1, packed_dim=1, packed_factor=PER_WORD),
-        }  # fmt: skip
+            "qzeros": LinearParam((k // group, n // p), i32, "packed", 0, 1, packed_dim=1, packed_factor=p),
+        }
 
     def expert_params(
         self, experts: int, hidden: int, inter: int, w13_shards: int, quant_config: dict[str, Any] | None
     ) -> dict[str, dict[str, ExpertParam]]:
         """As AutoGPTQMoEMethod registers them: transposed, GROUP-loaded."""
-        g = group_size(quant_config)
+        if act_order(quant_config):
+            raise MixedError(
+                "act-order GPTQ experts (desc_act: true) have no CPU path: vLLM >= 0.27 has no act-order kernel and "
+                "its expert loader keeps no g_idx. Route the experts to a desc_act: false, AWQ or bf16 source (act-order "
+                "attention and MLP linears do run, dequantized)"
+            )
+        g, p = group_size(quant_config), self.per_word
         inter2 = w13_shards * inter
         g13, g2 = (hidden // g, inter // g) if g != -1 else (1, 1)
         attrs = {"quant_method": "group" if g != -1 else "channel", "is_transposed": True}
         i32 = torch.int32
         return {
             "w13": {
-                "qweight": ExpertParam((experts, hidden // PER_WORD, inter2), i32, attrs),
+                "qweight": ExpertParam((experts, hidden // p, inter2), i32, attrs),
                 "scales": ExpertParam((experts, g13, inter2), None, attrs),
-                "qzeros": ExpertParam((experts, g13, inter2 // PER_WORD), i32, attrs),
+                "qzeros": ExpertParam((experts, g13, inter2 // p), i32, attrs),
             },
             "w2": {
-                "qweight": ExpertParam((experts, inter // PER_WORD, hidden), i32, attrs),
+                "qweight": ExpertParam((experts, inter // p, hidden), i32, attrs),
                 "scales": ExpertParam((experts, g2, hidden), None, attrs),
-                "qzeros": ExpertParam((experts, g2, hidden // PER_WORD), i32, attrs),
+                "qzeros": ExpertParam((experts, g2, hidden // p), i32, attrs),
             },
         }
 
-    # --- tensor-parallel rules -----------------------------------------------------------------------------------
+    # --- tensor-parallel rules (gptq_rules restates vLLM 0.26's CUDA checks) -----------------------------------
     def linear_rule(
         self, shard: LinearShard, quant_config: dict[str, Any], dtype: str, capability: int
     ) -> tuple[str, str, str]:
-        """kernels/linear/__init__.py:choose_mp_linear_kernel takes the first of
-        its CUDA list whose can_implement accepts the shard (AllSpark: Ampere and
-        channelwise only; Conch: optional package, absent from the CUDA wheel):
-        MacheteLinearKernel (sm90 only; K % 64, N % 128, machete_utils.
-        check_machete_supports_shape), MarlinLinearKernel (without act-order only a
-        quant group straddling ranks is refused, tile misalignment is padded; with
-        it marlin_utils.check_marlin_supports_shape: N % 64, K % 128),
-        ExllamaLinearKernel (fp16 only), TritonW4A16LinearKernel. A quant group
-        straddling ranks is refused even where Machete would take it:
-        auto_gptq.py:AutoGPTQLinearMethod.create_weights then allocates
-        K // group scale rows per rank, and the scales load silently wrong."""
-        g = group_size(quant_config)
-        act_order = bool(quant_config.get("desc_act")) and g != -1  # AutoGPTQConfig.__init__
-        k, n, split_k = shard.k, shard.n, shard.k != shard.k_full
-        whole_groups = g == -1 or g >= shard.k_full or k % g == 0
-        if not whole_groups:
-            why = (
-                f"input_size_per_partition {k} is not a whole number of quant groups of {g}: Marlin and Triton refuse "
-                "it (can_implement), and AutoGPTQLinearMethod.create_weights would load its scales wrong"
-            )
-            return "AutoGPTQLinearMethod", FAILS, why
-        candidates = [  # in choose_mp_linear_kernel's order, with whole groups per rank
-            ("Machete", capability == HOPPER and not (act_order and split_k) and g in (-1, 64, 128)
-             and k % 64 == 0 and n % 128 == 0),
-            ("Marlin", g in (-1, 32, 64, 128) and (not act_order or (n % 64 == 0 and k % 128 == 0))),
-            ("Exllama", dtype == "float16" and not (act_order and split_k) and n % 8 == 0 and g > 0),
-            ("TritonW4A16", n % 8 == 0 and not act_order and (g in (-1, 32, 64, 128, 256) or g == shard.k_full)),
-        ]  # fmt: skip
-        preferred = candidates[0][0] if capability == HOPPER else candidates[1][0]
-        for name, accepts in candidates:
-            if accepts:
-                status = OK if name == preferred else FALLBACK
-                why = "" if status == OK else f"{preferred} does not accept [{k} -> {n}] with group {g}"
-                return f"AutoGPTQLinearMethod: {name}", status, why
-        return "AutoGPTQLinearMethod", FAILS, f"no int4 kernel accepts [{k} -> {n}] (choose_mp_linear_kernel raises)"
+        return gptq_linear_rule(self.bits, shard, group_size(quant_config), act_order(quant_config), dtype,
+                                      capability)  # fmt: skip
 
     def moe_rule(
         self, inter: int, geometry: Geometry, parallel: Parallel, quant_config: dict[str, Any]
     ) -> tuple[str, str, str]:
-        """quantization/auto_gptq.py:AutoGPTQConfig.get_quant_method runs Marlin
-        MoE when marlin_utils.check_moe_marlin_supports_layer accepts the layer
-        (hidden % 128, group in -1/32/64/128, and with allow_tile_padding=not
-        desc_act: intermediate per rank % group; with act-order % max(64, group)),
-        else MoeWNA16Config(full_config).get_quant_method: moe_wna16.py:
-        MoeWNA16Method.create_weights halves the group size until it divides both
-        sizes and asserts it stays >= 32."""
-        g = group_size(quant_config)
-        act_order = bool(quant_config.get("desc_act")) and g != -1
-        tile = max(64, g) if act_order else g
-        if g in (-1, 32, 64, 128) and geometry.hidden % 128 == 0 and (g <= 0 or inter % tile == 0):
-            pad = "" if act_order or inter % 64 == 0 else " (intermediate tile-padded, marlin_moe_padded_intermediate)"
-            return f"AutoGPTQMoEMethod: Marlin MoE{pad}", OK, ""
-        why = (
-            f"Marlin MoE needs intermediate_size_per_partition {inter} % {tile} == 0 (check_moe_marlin_supports_layer)"
-        )
-        wg = g
-        while wg > 0 and (inter % wg or geometry.hidden % wg):
-            wg //= 2
-            if wg < 32:
-                why += f", and MoeWNA16Method.create_weights asserts a regrouped group size >= 32 ({wg} here)"
-                return "MoeWNA16Method", FAILS, why
-        why += (
-            "; measured on an H100 with vLLM 0.26, the MoE-WNA16 Triton kernel gave 44 % less output throughput than "
-            "Marlin at 256 sequences and took 29 % longer per token at batch 1 (benchmarks/RESULTS.md)"
-        )
-        return f"MoeWNA16Method (Triton, group {wg})", FALLBACK, why
+        return gptq_moe_rule(inter, geometry.hidden, group_size(quant_config), act_order(quant_config))
 
     # --- export --------------------------------------------------------------------------------------------------
     def export_scheme(self, quant_config: dict[str, Any], where: str) -> ExportScheme:
-        """``pack-quantized`` W4A16, group strategy, the source's group size."""
+        """``pack-quantized`` W4A16 / W8A16, group strategy, the source's group size."""
         from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
 
         if not quant_config.get("sym", True):
             raise MixedError(
-                f"{where}: GPTQ with sym: false is not exported; vLLM's pack-quantized W4A16 here is symmetric "
-                "(zero point 8). Route these layers to a symmetric GPTQ checkpoint, or to the bf16/fp8 source"
+                f"{where}: GPTQ with sym: false is not exported; vLLM's pack-quantized W{self.bits}A16 here is "
+                f"symmetric (zero point {2 ** (self.bits - 1)}). Route these layers to a symmetric GPTQ checkpoint, "
+                "or to the bf16/fp8 source"
+            )
+        if act_order(quant_config):
+            raise MixedError(
+                f"{where}: GPTQ with desc_act: true is not exported; pack-quantized here has no column permutation "
+                "(act-order g_idx). Route these layers to a desc_act: false checkpoint, or to the bf16/fp8 source"
             )
         weights = QuantizationArgs(
-            num_bits=4, type=QuantizationType.INT, strategy=QuantizationStrategy.GROUP,
+            num_bits=self.bits, type=QuantizationType.INT, strategy=QuantizationStrategy.GROUP,
             group_size=group_size(quant_config), symmetric=True, dynamic=False,
         )  # fmt: skip
         return ExportScheme(self.name, weights)
@@ -372,19 +340,20 @@ class GptqInt4(Format):
     def export_member(
         self, name: str, tensors: dict[str, torch.Tensor], quant_config: dict[str, Any] | None, scheme: Any, where: str
     ) -> tuple[dict[str, torch.Tensor], bool]:
-        """The int4 codes keep their bits: compressed-tensors packs ``q - 8``
-        eight to an int32 along the input dimension, lowest nibble first, which
-        is exactly GPTQ's ``qweight`` transposed; ``scales`` [K/g, N] becomes
-        ``weight_scale`` [N, K/g] in its source dtype."""
+        """The codes keep their bits: compressed-tensors packs ``q - 2**(bits-1)``
+        32 // bits to an int32 along the input dimension, lowest bits first,
+        which is exactly GPTQ's ``qweight`` transposed; ``scales`` [K/g, N]
+        becomes ``weight_scale`` [N, K/g] in its source dtype."""
         from compressed_tensors.compressors import BaseCompressor
 
         qweight, scales, g_idx = tensors["qweight"], tensors["scales"], tensors.get("g_idx")
-        if not bool((tensors["qzeros"] == SYM_ZEROS).all()):
+        if not bool((tensors["qzeros"] == self.sym_zeros).all()):
             raise MixedError(
-                f"{where}: tensor {name}.qzeros is not all 0x77777777 (zero point 8), although the checkpoint declares "
-                "sym: true; it is asymmetric or damaged: fix its config.json, or route the layer to another source"
+                f"{where}: tensor {name}.qzeros is not all {self.sym_zeros:#010x} (zero point "
+                f"{2 ** (self.bits - 1)}), although the checkpoint declares sym: true; it is asymmetric or damaged: fix "
+                "its config.json, or route the layer to another source"
             )
-        k, group = qweight.shape[0] * PER_WORD, scheme.weights.group_size
+        k, group = qweight.shape[0] * self.per_word, scheme.weights.group_size
         if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // group):
             raise MixedError(
                 f"{where}: tensor {name}.g_idx is not arange(in) // {group} (act-order GPTQ); pack-quantized has no "
@@ -393,7 +362,19 @@ class GptqInt4(Format):
         weight = self.dequantize(tensors, quant_config, torch.float64)
         state = {"weight": weight, "weight_scale": scales.t().contiguous()}
         out = BaseCompressor.get_value_from_registry(scheme.format).compress(state, scheme)
-        return out, torch.equal(out["weight_packed"], qweight.t())  # both: q in 0..15, 8 per word along in, low first
+        return out, torch.equal(out["weight_packed"], qweight.t())  # both: codes unsigned, along in, low bits first
 
 
 GPTQ_INT4 = GptqInt4()
+
+# desc_act: true (act-order) as GPTQModel writes it with static_groups: false
+GPTQ_ACT_ORDER_QUANT_CONFIG: dict[str, Any] = {**GPTQ_QUANT_CONFIG, "desc_act": True}
+
+
+def act_order_tiny() -> GptqInt4:
+    """The 4-bit format with a tiny layout of an act-order checkpoint
+    (``DIR/gptq-int4-actorder``, source ``int4a``): the same registered
+    format, another published config (for tests and the GPU oracle)."""
+    fmt = GptqInt4()
+    fmt.tiny = TinyLayout("gptq-int4-actorder", GPTQ_ACT_ORDER_QUANT_CONFIG, "float16", "int4a")
+    return fmt

@@ -19,9 +19,12 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import Un
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
     BlockQuantScaleParameter,
+    ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
     ModelWeightParameter,
+    PackedColumnParameter,
     PackedvLLMParameter,
+    RowvLLMParameter,
 )
 from vllm.model_executor.utils import set_weight_attrs
 
@@ -35,6 +38,9 @@ _PARAMETER_CLASSES = {
     "packed": PackedvLLMParameter,
     "group_scale": GroupQuantScaleParameter,
     "block_scale": BlockQuantScaleParameter,
+    "channel_scale": ChannelQuantScaleParameter,
+    "packed_column": PackedColumnParameter,
+    "row": RowvLLMParameter,
 }
 
 
@@ -71,7 +77,7 @@ class DequantFallbackLinearMethod(UnquantizedLinearMethod):
             input_size_per_partition, list(output_partition_sizes), input_size, self.quant_config
         )
         for name, p in params.items():
-            dims = {"input_dim": p.input_dim, "output_dim": p.output_dim}
+            dims = {k: v for k, v in (("input_dim", p.input_dim), ("output_dim", p.output_dim)) if v is not None}
             if p.packed_dim is not None:
                 dims.update(packed_dim=p.packed_dim, packed_factor=p.packed_factor)
             data = _empty(p.shape, p.dtype or params_dtype, p.fill)

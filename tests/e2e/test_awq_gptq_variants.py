@@ -1,0 +1,97 @@
+"""AWQ, act-order GPTQ and 8-bit GPTQ sources through the plugin on vLLM's
+CPU build (three vLLM runs):
+
+- the pure AWQ recipe of the tiny Llama against stock vLLM on the AWQ
+  checkpoint: both run vLLM's AutoAWQMarlinLinearMethod on the CPU int4 GEMM
+  with zero points (CPUWNA16LinearKernel), so the teacher-forced logprobs are
+  identical. Stock vLLM cannot run the tiny Qwen3-MoE AWQ checkpoint on this
+  CPU (no int4 MoE kernel without AMX: "No WNA16 MoE backend"); that pair is
+  in ``benchmarks/gpu_oracle.py --variants`` for the H200;
+- a mix on the tiny Qwen3-MoE (experts AWQ, q/k/v act-order GPTQ, o_proj
+  8-bit GPTQ, the rest BF16) against the float32 transformers reference on
+  the dequantized weights. vLLM's CPU build has no kernel for any of the
+  three here (AWQ experts need AMX, act-order is refused by vLLM >= 0.27,
+  CPUWNA16 is 4-bit only): all run on the dequantizing fallback, whose
+  act-order linears load their ``g_idx``."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import run_vllm
+from vllm_mixed.compose import compose
+from vllm_mixed.cpu_kernels import cpu_fallback_reason
+from vllm_mixed.formats import UNQUANTIZED
+from vllm_mixed.formats.awq import AWQ, AWQ_QUANT_CONFIG
+from vllm_mixed.formats.gptq_int4 import act_order_tiny
+from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
+from vllm_mixed.plan import build_plan
+from vllm_mixed.recipe import load_recipe
+from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
+from vllm_mixed.tiny import make_tiny
+
+_rng = random.Random(12)
+TEACHER = [[_rng.randrange(3, 1000) for _ in range(32)] for _ in range(3)]
+REQUEST = {"teacher": TEACHER, "greedy": TEACHER[:2], "max_tokens": 12}
+
+
+def recipe(root, tmp_path, name, sources, default, rules=()):
+    body = {"sources": {s: str(root / d) for s, d in sources.items()}, "base": "bf16", "default": default,
+            "dtype": "bfloat16", "rules": list(rules)}  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return build_plan(load_recipe(path))
+
+
+def max_gap(a, b):
+    gap, same_top1 = 0.0, True
+    for seq_a, seq_b in zip(a["teacher"], b["teacher"], strict=True):
+        for pa, pb in zip(seq_a, seq_b, strict=True):
+            gap = max([gap, *(abs(pa[t][0] - pb[t][0]) for t in set(pa) & set(pb))])
+            same_top1 &= min(pa, key=lambda t: pa[t][1]) == min(pb, key=lambda t: pb[t][1])
+    return gap, same_top1
+
+
+def test_pure_awq_llama_equals_stock_vllm(tmp_path):
+    if why := cpu_fallback_reason("awq", "linear", AWQ_QUANT_CONFIG):
+        pytest.skip(f"stock vLLM has no CPU int4 GEMM with zero points here: {why}")
+    root = tmp_path / "llama"
+    make_tiny(root, arch="llama", formats=(UNQUANTIZED, AWQ))
+    plan = recipe(root, tmp_path, "all-awq", {"bf16": "bf16", "awq": "awq"}, "awq")
+    mixed = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    stock = run_vllm(root / "awq", "auto", REQUEST, tmp_path / "stock")
+    assert "qkv_proj <- source 'awq' (awq) via AutoAWQMarlinLinearMethod" in mixed["log"]
+    assert "Using CPUWNA16LinearKernel for AutoAWQMarlinLinearMethod" in mixed["log"]
+    assert "Using CPUWNA16LinearKernel for AutoAWQMarlinLinearMethod" in stock["log"]
+    gap, same_top1 = max_gap(mixed, stock)
+    assert same_top1 and gap <= 1e-5, gap
+    assert mixed["greedy"] == stock["greedy"]
+
+
+MIX = [
+    {"targets": ["model.layers.*.mlp.experts"], "source": "awq"},
+    {"targets": ["model.layers.*.self_attn.qkv_proj"], "source": "int4a"},
+    {"targets": ["model.layers.*.self_attn.o_proj"], "source": "int8"},
+]
+
+
+def test_awq_actorder_int8_mix_matches_reference(tmp_path):
+    root = tmp_path / "moe"
+    make_tiny(root, formats=(UNQUANTIZED, AWQ, act_order_tiny(), GPTQ_INT8))
+    sources = {"bf16": "bf16", "awq": "awq", "int4a": "gptq-int4-actorder", "int8": "gptq-int8"}
+    plan = recipe(root, tmp_path, "mix", sources, "bf16", MIX)
+    assert {p.precision for p in plan.layers if p.layer.kind in ("linear", "experts")} == {
+        "awq-int4-g128", "int4-g128-actorder", "int8-g128",
+    }  # fmt: skip
+    result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    log = result["log"]
+    assert "experts <- source 'awq' (awq) via DequantFallbackMoEMethod" in log
+    assert "qkv_proj <- source 'int4a' (gptq_int4) via DequantFallbackLinearMethod" in log
+    assert "o_proj <- source 'int8' (gptq_int8) via DequantFallbackLinearMethod" in log
+    model = hf_model(plan)
+    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
+    top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
+    assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, stats
