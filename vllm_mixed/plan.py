@@ -185,13 +185,9 @@ def _resolve(recipe: Recipe, layer: Layer, used_rules: set[int]) -> str:
 
 def layer_format(src: Source, layer: Layer) -> str:
     """The format a layer has in a source: quantizable layers take the
-    source's format unless its config leaves them unconverted."""
-    if not layer.quantizable or not get_format(src.format).quantized:
-        return UNQUANTIZED.name
-    qc = src.quant_config or {}
-    skipped = list(qc.get("modules_to_not_convert") or []) + list(qc.get("ignored_layers") or [])
-    names = [layer.name, *(m.name for m in layer.members[:3])]
-    if any(n == s or n.endswith("." + s) for n in names for s in skipped):
+    source's format unless its format says the config leaves them in float."""
+    fmt = get_format(src.format)
+    if not layer.quantizable or not fmt.quantized or not fmt.converts(src.quant_config, layer, src.where):
         return UNQUANTIZED.name
     return src.format
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats.base import Format, TensorSpec
+from vllm_mixed.formats.ct_fp8 import CT_FP8
+from vllm_mixed.formats.ct_w4a16 import CT_W4A16
 from vllm_mixed.formats.fp8_block import FP8_BLOCK
 from vllm_mixed.formats.gptq_int4 import GPTQ_INT4
 from vllm_mixed.formats.unquantized import UNQUANTIZED
@@ -35,6 +37,8 @@ def register_format(fmt: Format) -> Format:
 register_format(UNQUANTIZED)
 register_format(FP8_BLOCK)
 register_format(GPTQ_INT4)
+register_format(CT_W4A16)
+register_format(CT_FP8)
 
 FORMAT_NAMES = tuple(FORMATS)
 # what `make-tiny` writes by default, in this order
