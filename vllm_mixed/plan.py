@@ -207,7 +207,11 @@ def layer_tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]
     the spec its format and the model's shape give."""
     out = []
     for m in layer.members:
-        for suffix, spec in _specs(src, fmt, m.shape).items():
+        try:
+            specs = _specs(src, fmt, m.shape)
+        except MixedError as exc:  # a format's own shape rule (e.g. a group size that does not divide)
+            raise MixedError(f"{src.where}: layer {layer.name!r}, member {m.name!r}: {exc}") from None
+        for suffix, spec in specs.items():
             name = f"{m.name}.{suffix}"
             if not src.has(name):
                 if spec.optional:

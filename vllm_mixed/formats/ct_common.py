@@ -106,6 +106,10 @@ def _args(raw: Any, what: str) -> CtArgs | None:
 def _parse(text: str) -> tuple[list[tuple[str, CtScheme]], str | None]:
     """(config group name, scheme) for every weight group, or why the config cannot be read."""
     qc = json.loads(text)
+    sparsity = qc.get("sparsity_config") or {}
+    if sparsity.get("targets") or str(qc.get("format", "")).startswith(("sparse", "marlin-24")):
+        what = sparsity.get("format") or qc.get("format")
+        return [], f"it is sparse ({what}; vLLM removed compressed-tensors sparsity support)"
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         return [], "it has no config_groups"
@@ -154,7 +158,9 @@ def unsupported_reason(quant_config: dict[str, Any]) -> str | None:
     if problem:
         return problem
     if len({(s.format, s.weights, s.inputs) for _, s in groups}) > 1:
-        shown = "; ".join(f"{n} ({s.format}: weights {s.weights.label()}, targets {list(s.targets)})" for n, s in groups)
+        shown = "; ".join(
+            f"{n} ({s.format}: weights {s.weights.label()}, targets {list(s.targets)})" for n, s in groups
+        )
         return (
             f"its config_groups use different schemes ({shown}); vllm-mixed reads one scheme per source: route "
             "the layers of each scheme from a checkpoint that holds only that scheme"
@@ -162,7 +168,9 @@ def unsupported_reason(quant_config: dict[str, Any]) -> str | None:
     _, s = groups[0]
     if _kind_of(s) is None:
         inputs = s.inputs.label() if s.inputs else "none"
-        return f"its scheme is {s.format or 'without a format'}: weights {s.weights.label()}, input activations {inputs}"
+        return (
+            f"its scheme is {s.format or 'without a format'}: weights {s.weights.label()}, input activations {inputs}"
+        )
     return None
 
 

@@ -112,7 +112,9 @@ class CtFp8(Format):
         elif a.dynamic and a.strategy not in ("token", "tensor", "group"):
             problems.append(f"dynamic input activations per {a.strategy!r}")
         elif not a.dynamic and (a.strategy != "tensor" or w.strategy == "block"):
-            problems.append(f"static input activations per {a.strategy!r} with {w.strategy} weights (static is per tensor)")
+            problems.append(
+                f"static input activations per {a.strategy!r} with {w.strategy} weights (static is per tensor)"
+            )
         if quant_config.get("kv_cache_scheme"):
             problems.append("kv_cache_scheme (kv-cache quantization is not read by vllm-mixed)")
         if problems:
@@ -188,7 +190,11 @@ class CtFp8(Format):
         return w.to(dtype) * full
 
     def dequantize_linear(
-        self, tensors: dict[str, torch.Tensor], quant_config: dict[str, Any] | None, parts: list[int], dtype: torch.dtype
+        self,
+        tensors: dict[str, torch.Tensor],
+        quant_config: dict[str, Any] | None,
+        parts: list[int],
+        dtype: torch.dtype,
     ) -> torch.Tensor:
         """Per-tensor: vLLM's parameter holds one scale per fused member."""
         if _strategy(quant_config) != "tensor":
@@ -315,7 +321,9 @@ class CtFp8(Format):
         method = "CompressedTensorsW8A8Fp8MoEMethod"
         if _strategy(quant_config) != "block":
             return method, OK, ""
-        _, status, why = FP8_BLOCK.moe_rule(inter, geometry, parallel, {"weight_block_size": list(_block(quant_config))})
+        _, status, why = FP8_BLOCK.moe_rule(
+            inter, geometry, parallel, {"weight_block_size": list(_block(quant_config))}
+        )
         return method, status, why.replace("Fp8MoEMethod.create_weights", "validate_fp8_block_shape_moe")
 
     # --- export --------------------------------------------------------------------------------------------------

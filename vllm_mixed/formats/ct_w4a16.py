@@ -49,7 +49,12 @@ def w4a16_config(group_size: int | None = 128, symmetric: bool = True, ignore: l
     }  # fmt: skip
     return {
         "config_groups": {
-            "group_0": {"input_activations": None, "output_activations": None, "targets": ["Linear"], "weights": weights}
+            "group_0": {
+                "input_activations": None,
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": weights,
+            }
         },
         "format": ct.PACK_QUANTIZED,
         "ignore": list(ignore) if ignore is not None else ["lm_head", "re:.*mlp.gate$"],
@@ -325,7 +330,10 @@ class CtW4A16(Format):
         tensors bit for bit (it is the source format already)."""
         from compressed_tensors.compressors import BaseCompressor
 
-        state = {"weight": self.dequantize(tensors, quant_config, torch.float64), "weight_scale": tensors["weight_scale"]}
+        state = {
+            "weight": self.dequantize(tensors, quant_config, torch.float64),
+            "weight_scale": tensors["weight_scale"],
+        }
         if "weight_zero_point" in tensors:
             n = tensors["weight_packed"].shape[0]
             state["weight_zero_point"] = (unpack_int4(tensors["weight_zero_point"], dim=0)[:n] - OFFSET).to(torch.int8)

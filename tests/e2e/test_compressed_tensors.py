@@ -1,0 +1,99 @@
+"""compressed-tensors checkpoints as sources, on vLLM's CPU build (tiny
+models from ``make-tiny --formats ct-w4a16,ct-fp8``):
+
+- the pure recipe of the tiny Llama in CT W4A16 (int4 linears on vLLM's
+  ``CPUWNA16LinearKernel``) and in CT FP8 per-channel with dynamic per-token
+  activations (vLLM's ``ChannelWiseTorchFP8ScaledMMLinearKernel``) against
+  stock vLLM on the single checkpoint: the same kernels, so identical
+  teacher-forced logprobs; the load logs name the methods;
+- the tiny Qwen3-MoE mix (experts CT W4A16, attention CT FP8, the rest BF16)
+  on the dequantizing fallback (its CT parameter layouts) against
+  transformers' own model on the dequantized weights. Stock vLLM's
+  CPU build refuses CT MoE checkpoints here (no int4 / FP8 MoE experts
+  without AMX): their stock comparison is ``benchmarks/gpu_oracle_ct.py``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import run_vllm
+from vllm_mixed.compose import compose
+from vllm_mixed.cpu_kernels import FALLBACK_ENV, cpu_fallback_reason
+from vllm_mixed.formats import UNQUANTIZED
+from vllm_mixed.formats.ct_fp8 import CT_FP8
+from vllm_mixed.formats.ct_w4a16 import CT_W4A16
+from vllm_mixed.plan import build_plan
+from vllm_mixed.recipe import load_recipe
+from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
+from vllm_mixed.tiny import make_tiny
+
+_rng = random.Random(12)
+TEACHER = [[_rng.randrange(3, 1000) for _ in range(32)] for _ in range(3)]
+REQUEST = {"teacher": TEACHER, "greedy": TEACHER[:2], "max_tokens": 12}
+FORMATS = (CT_W4A16, CT_FP8)
+
+
+def recipe(root, tmp_path, default, rules=()):
+    sources = {"bf16": str(root / "bf16")} | {f.tiny.source: str(root / f.tiny.directory) for f in FORMATS}
+    body = {"sources": sources, "base": "bf16", "default": default, "dtype": "bfloat16", "rules": list(rules)}
+    path = tmp_path / f"{default}-{len(rules)}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return build_plan(load_recipe(path))
+
+
+def max_gap(a, b):
+    gap = 0.0
+    for seq_a, seq_b in zip(a["teacher"], b["teacher"], strict=True):
+        for pa, pb in zip(seq_a, seq_b, strict=True):
+            gap = max([gap, *(abs(pa[t][0] - pb[t][0]) for t in set(pa) & set(pb))])
+    return gap
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ct-llama")
+    make_tiny(root, arch="llama", formats=(UNQUANTIZED, *FORMATS))
+    return root
+
+
+@pytest.mark.parametrize(
+    "fmt,kernel",
+    [(CT_W4A16, "CPUWNA16LinearKernel"), (CT_FP8, "ChannelWiseTorchFP8ScaledMMLinearKernel")],
+    ids=["w4a16", "fp8-channel"],
+)
+def test_pure_ct_recipe_equals_stock_vllm(llama, tmp_path, fmt, kernel):
+    if why := cpu_fallback_reason(fmt.name, "linear", fmt.tiny.quant_config):
+        pytest.skip(f"stock vLLM has no CPU kernel for {fmt.name} linears here: {why}")
+    plan = recipe(llama, tmp_path, fmt.tiny.source)
+    mixed = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    stock = run_vllm(llama / fmt.tiny.directory, "auto", REQUEST, tmp_path / "stock")
+    assert f"qkv_proj <- source '{fmt.tiny.source}' ({fmt.name}) via CompressedTensorsLinearMethod" in mixed["log"]
+    assert kernel in mixed["log"] and kernel in stock["log"]
+    assert mixed["greedy"] == stock["greedy"]
+    assert max_gap(mixed, stock) <= 1e-5
+
+
+def test_ct_mix_matches_transformers_reference(tmp_path_factory, tmp_path):
+    root = tmp_path_factory.mktemp("ct-moe")
+    make_tiny(root, formats=(UNQUANTIZED, *FORMATS))
+    rules = [
+        {"targets": ["model.layers.*.mlp.experts"], "source": CT_W4A16.tiny.source},
+        {"targets": ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"],
+         "source": CT_FP8.tiny.source},
+    ]  # fmt: skip
+    plan = recipe(root, tmp_path, "bf16", rules)
+    assert {p.format for p in plan.layers if p.layer.kind in ("linear", "experts")} == {"ct_w4a16", "ct_fp8"}
+    # the fallback everywhere: a weight-only path, as the reference is (vLLM's native FP8 GEMM also
+    # quantizes activations; it is compared with stock vLLM above)
+    env = {FALLBACK_ENV: "1"}
+    result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed", env=env)
+    assert "experts <- source 'ctint4' (ct_w4a16) via DequantFallbackMoEMethod" in result["log"]
+    assert "qkv_proj <- source 'ctfp8' (ct_fp8) via DequantFallbackLinearMethod" in result["log"]
+    model = hf_model(plan)
+    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
+    top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
+    assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, stats
