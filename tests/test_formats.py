@@ -357,10 +357,15 @@ def test_unquantized_round_trip(dtype: str, torch_dtype: torch.dtype, mantissa: 
 
 
 def test_formats_table() -> None:
-    assert set(FORMATS) == {"unquantized", "fp8_block", "gptq_int4"}
+    from vllm_mixed.formats.ct_fp8 import CT_FP8_QUANT_CONFIG
+    from vllm_mixed.formats.ct_w4a16 import CT_W4A16_QUANT_CONFIG
+
+    assert set(FORMATS) == {"unquantized", "fp8_block", "gptq_int4", "ct_w4a16", "ct_fp8"}
+    configs = {"ct_w4a16": CT_W4A16_QUANT_CONFIG, "ct_fp8": CT_FP8_QUANT_CONFIG}
     for name, fmt in FORMATS.items():
         assert fmt.name == name
-        for spec in fmt.specs(256, 512, {"group_size": 128, "weight_block_size": [128, 128]}).values():
+        qc = configs.get(name, {"group_size": 128, "weight_block_size": [128, 128]})
+        for spec in fmt.specs(256, 512, qc).values():
             assert set(spec.dtypes) <= set(DTYPE_SIZES)
     assert GPTQ_INT4.precision({"group_size": 64}) == "int4-g64"
 

@@ -106,6 +106,13 @@ def _args(raw: Any, what: str) -> CtArgs | None:
 def _parse(text: str) -> tuple[list[tuple[str, CtScheme]], str | None]:
     """(config group name, scheme) for every weight group, or why the config cannot be read."""
     qc = json.loads(text)
+    try:
+        return _read(qc)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        return [], f"it is malformed ({exc})"
+
+
+def _read(qc: dict[str, Any]) -> tuple[list[tuple[str, CtScheme]], str | None]:
     sparsity = qc.get("sparsity_config") or {}
     if sparsity.get("targets") or str(qc.get("format", "")).startswith(("sparse", "marlin-24")):
         what = sparsity.get("format") or qc.get("format")
@@ -115,19 +122,18 @@ def _parse(text: str) -> tuple[list[tuple[str, CtScheme]], str | None]:
         return [], "it has no config_groups"
     out = []
     ignore = tuple(str(t) for t in qc.get("ignore") or ())
-    try:
-        for name, group in groups.items():
-            targets = tuple(str(t) for t in group.get("targets") or ())
-            if len(targets) == 1 and targets[0].endswith("Attention"):
-                continue  # attention (kv-cache) quantization: vLLM's from_config drops these groups too
-            weights = _args(group.get("weights"), f"config_groups.{name}.weights")
-            if weights is None:
-                return [], f"config_groups.{name} quantizes no weights"
-            inputs = _args(group.get("input_activations"), f"config_groups.{name}.input_activations")
-            fmt = str(group.get("format") or qc.get("format") or "")
-            out.append((str(name), CtScheme(fmt, weights, inputs, targets, ignore)))
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        return [], f"it is malformed ({exc})"
+    for name, group in groups.items():
+        targets = tuple(str(t) for t in group.get("targets") or ())
+        if len(targets) == 1 and targets[0].endswith("Attention"):
+            continue  # attention (kv-cache) quantization: vLLM's from_config drops these groups too
+        weights = _args(group.get("weights"), f"config_groups.{name}.weights")
+        if weights is None:
+            return [], f"config_groups.{name} quantizes no weights"
+        inputs = _args(group.get("input_activations"), f"config_groups.{name}.input_activations")
+        fmt = str(group.get("format") or qc.get("format") or "")
+        out.append((str(name), CtScheme(fmt, weights, inputs, targets, ignore)))
+    if not out:
+        return [], "it quantizes no linear weights (only attention / kv-cache groups)"
     return out, None
 
 
