@@ -229,23 +229,26 @@ class CtW4A16(Format):
     def linear_params(
         self, k: int, parts: list[int], input_size: int, quant_config: dict[str, Any] | None
     ) -> dict[str, LinearParam]:
-        """As CompressedTensorsWNA16.create_weights registers them (scales
-        partitioned: the group divides the rank's input, checked by plan)."""
+        """As CompressedTensorsWNA16.create_weights registers them: scales
+        (and zero points) partitioned along the input unless the weight is
+        channelwise and the layer row-parallel (marlin_repeat_scales_on_all_ranks:
+        then every rank holds the one column)."""
         s = ct.scheme(quant_config)
-        n, g = sum(parts), (s.group if s.group != -1 else input_size)
-        channel = s.group == -1
-        groups = input_size // g if channel else k // g
+        n, channel = sum(parts), s.group == -1
+        g = input_size if channel else s.group
+        partition = not (channel and input_size != k)
+        groups = k // g if partition else input_size // g
         i32 = torch.int32
         out = {
             "weight_packed": LinearParam((n, k // PER_WORD), i32, "packed", 1, 0, packed_dim=1, packed_factor=PER_WORD),
-            "weight_scale": LinearParam((n, groups), None, "channel_scale" if channel else "group_scale", 1, 0),
+            "weight_scale": LinearParam((n, groups), None, "group_scale" if partition else "channel_scale", 1, 0),
             "weight_shape": LinearParam((2,), torch.int64, "base", 0, 0),
         }  # fmt: skip
         if not s.weights.symmetric:
-            zp_kind = "packed_column" if channel else "packed"
             out["weight_zero_point"] = LinearParam(
-                (-(-n // PER_WORD), groups), i32, zp_kind, 1, 0, packed_dim=0, packed_factor=PER_WORD, fill=0
-            )
+                (-(-n // PER_WORD), groups), i32, "packed" if partition else "packed_column", 1, 0,
+                packed_dim=0, packed_factor=PER_WORD, fill=0,
+            )  # fmt: skip
         return out
 
     def expert_params(
