@@ -1,11 +1,12 @@
 """compressed-tensors checkpoints as sources, on vLLM's CPU build (tiny
 models from ``make-tiny --formats ct-w4a16,ct-fp8``):
 
-- the pure recipe of the tiny Llama in CT W4A16 (int4 linears on vLLM's
-  ``CPUWNA16LinearKernel``) and in CT FP8 per-channel with dynamic per-token
-  activations (vLLM's ``ChannelWiseTorchFP8ScaledMMLinearKernel``) against
-  stock vLLM on the single checkpoint: the same kernels, so identical
-  teacher-forced logprobs; the load logs name the methods;
+- the tiny Llama with attention from CT FP8 per-channel with dynamic
+  per-token activations (vLLM's ``ChannelWiseTorchFP8ScaledMMLinearKernel``)
+  and the MLP from CT W4A16 (int4 linears on vLLM's ``CPUWNA16LinearKernel``)
+  against stock vLLM on the recipe's export (one checkpoint, both schemes):
+  the same kernels, so identical teacher-forced logprobs; the load logs name
+  the methods (two vLLM runs instead of four for the two pure recipes);
 - the tiny Qwen3-MoE mix (experts CT W4A16 asymmetric, attention CT FP8
   per-tensor with static activations, the rest BF16) on the dequantizing fallback (its CT parameter layouts) against
   transformers' own model on the dequantized weights. Stock vLLM's
@@ -23,6 +24,7 @@ import yaml
 from tests.e2e.conftest import run_vllm
 from vllm_mixed.compose import compose
 from vllm_mixed.cpu_kernels import FALLBACK_ENV, cpu_fallback_reason
+from vllm_mixed.export import export
 from vllm_mixed.formats import UNQUANTIZED
 from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_config
 from vllm_mixed.formats.ct_w4a16 import CT_W4A16, w4a16_config
@@ -60,19 +62,28 @@ def llama(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize(
-    "fmt,kernel",
-    [(CT_W4A16, "CPUWNA16LinearKernel"), (CT_FP8, "ChannelWiseTorchFP8ScaledMMLinearKernel")],
-    ids=["w4a16", "fp8-channel"],
-)
-def test_pure_ct_recipe_equals_stock_vllm(llama, tmp_path, fmt, kernel):
-    if why := cpu_fallback_reason(fmt.name, "linear", fmt.tiny.quant_config):
-        pytest.skip(f"stock vLLM has no CPU kernel for {fmt.name} linears here: {why}")
-    plan = recipe(llama, tmp_path, fmt.tiny.source)
+MLP = ["model.layers.*.mlp.gate_up_proj", "model.layers.*.mlp.down_proj"]
+ATTENTION = ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"]
+
+
+def test_ct_recipe_equals_stock_vllm_on_its_export(llama, tmp_path):
+    """Attention from the CT FP8 checkpoint (per-channel, dynamic per-token:
+    vLLM's ChannelWiseTorchFP8ScaledMMLinearKernel), MLP from the CT W4A16
+    one (vLLM's CPUWNA16LinearKernel), the rest BF16; stock vLLM serves the
+    recipe's export (one compressed-tensors checkpoint with both schemes,
+    the CT tensors copied bit for bit) on the same kernels."""
+    for fmt in FORMATS:
+        if why := cpu_fallback_reason(fmt.name, "linear", fmt.tiny.quant_config):
+            pytest.skip(f"stock vLLM has no CPU kernel for {fmt.name} linears here: {why}")
+    rules = [{"targets": ATTENTION, "source": CT_FP8.tiny.source}, {"targets": MLP, "source": CT_W4A16.tiny.source}]
+    plan = recipe(llama, tmp_path, "bf16", rules)
+    exported = export(plan, tmp_path / "export", shard_bytes=2**20, progress=False)
     mixed = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
-    stock = run_vllm(llama / fmt.tiny.directory, "auto", REQUEST, tmp_path / "stock")
-    assert f"qkv_proj <- source '{fmt.tiny.source}' ({fmt.name}) via CompressedTensorsLinearMethod" in mixed["log"]
-    assert kernel in mixed["log"] and kernel in stock["log"]
+    stock = run_vllm(exported, "auto", REQUEST, tmp_path / "stock")
+    assert "qkv_proj <- source 'ctfp8' (ct_fp8) via CompressedTensorsLinearMethod" in mixed["log"]
+    assert "gate_up_proj <- source 'ctint4' (ct_w4a16) via CompressedTensorsLinearMethod" in mixed["log"]
+    for kernel in ("ChannelWiseTorchFP8ScaledMMLinearKernel", "CPUWNA16LinearKernel"):
+        assert kernel in mixed["log"] and kernel in stock["log"], kernel
     assert mixed["greedy"] == stock["greedy"]
     assert max_gap(mixed, stock) <= 1e-5
 
