@@ -500,3 +500,21 @@ def test_ct_ignore_and_targets_follow_vllm_matching() -> None:
     for name in names:
         for pattern in patterns:
             assert ct_common.matches(name, pattern) == is_equal_or_regex_match(name, pattern), (name, pattern)
+
+
+def test_ct_moe_rules_restate_vllms_checks() -> None:
+    from vllm_mixed.models.base import Geometry
+    from vllm_mixed.parallel import FAILS, OK, Parallel
+
+    g = Geometry(hidden=2048, heads=32, kv_heads=4, head_dim=128, vocab=1024, experts=128, inter=768)
+    one, four = Parallel(tp=1), Parallel(tp=4)
+    per_token = fp8_config("tensor")
+    per_token["config_groups"]["group_0"]["input_activations"]["strategy"] = "token"
+    assert CT_FP8.moe_rule(768, g, one, fp8_config())[1] == OK
+    assert CT_FP8.moe_rule(768, g, one, fp8_config("tensor", "static"))[1] == OK
+    kernel, status, why = CT_FP8.moe_rule(768, g, one, per_token)
+    assert status == FAILS and "tensor weights with token input activations" in why
+    assert CT_FP8.moe_rule(192, g, four, fp8_config("block"))[1] == FAILS  # 768 / 4 is not whole 128-blocks
+    assert CT_W4A16.moe_rule(768, g, one, w4a16_config(128)) == ("CompressedTensorsWNA16MoEMethod: Marlin MoE", OK, "")
+    kernel, status, why = CT_W4A16.moe_rule(96, g, Parallel(tp=8), w4a16_config(128))
+    assert status == FAILS and "intermediate_size_per_partition 96" in why and "group_size 128" in why

@@ -27,7 +27,7 @@ from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import ct_common as ct
 from vllm_mixed.formats.base import ExpertParam, ExportScheme, Format, LinearParam, TensorSpec, TinyLayout
 from vllm_mixed.formats.fp8_block import FP8_BLOCK, expand_block_scale
-from vllm_mixed.parallel import OK
+from vllm_mixed.parallel import FAILS, OK
 
 if TYPE_CHECKING:
     from vllm_mixed.models.base import Geometry, Layer
@@ -319,7 +319,17 @@ class CtFp8(Format):
         """Block weights: CompressedTensorsW8A8Fp8MoEMethod.create_weights calls
         fp8_utils.validate_fp8_block_shape_moe (whole blocks per rank)."""
         method = "CompressedTensorsW8A8Fp8MoEMethod"
-        if _strategy(quant_config) != "block":
+        s = ct.scheme(quant_config)
+        pairs = {("tensor", "tensor"), ("channel", "token")}
+        if s.weights.strategy != "block" and (s.weights.strategy, s.inputs.strategy if s.inputs else "") not in pairs:
+            why = (
+                f"{s.weights.strategy} weights with {s.inputs.strategy if s.inputs else 'no'} input activations: "
+                "CompressedTensorsW8A8Fp8MoEMethod.__init__ takes per-tensor weights with per-tensor activations, "
+                "per-channel weights with per-token activations, or blocks (it asserts otherwise); route the experts "
+                "to another source"
+            )
+            return method, FAILS, why
+        if s.weights.strategy != "block":
             return method, OK, ""
         _, status, why = FP8_BLOCK.moe_rule(
             inter, geometry, parallel, {"weight_block_size": list(_block(quant_config))}
