@@ -258,6 +258,21 @@ def variants_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("variants") / "model"
     make_tiny(root, arch="llama", formats=(UNQUANTIZED, AWQ, act_order_tiny()))
+
+
+# --- compressed-tensors sources ---------------------------------------------------------------------------------
+
+from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_config  # noqa: E402
+from vllm_mixed.formats.ct_w4a16 import CT_W4A16, w4a16_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ct_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_mixed.formats import UNQUANTIZED
+    from vllm_mixed.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("ct-master") / "model"
+    make_tiny(root, formats=(UNQUANTIZED, CT_W4A16, CT_FP8))
     return root
 
 
@@ -326,3 +341,108 @@ def test_act_order_g_idx_missing(variants: Any, capsys: pytest.CaptureFixture[st
     err = fails(capsys, variants.recipe(default="int4a"))
     assert f"tensor {name!r} is in no shard, but layer 'model.layers.0.self_attn.qkv_proj'" in err
     assert "the config declares desc_act: true (act-order), whose column-to-group map is this tensor" in err
+
+
+def ct(ct_master: Path, tmp_path: Path) -> Any:
+    from tests.conftest import TinyModel
+
+    root = tmp_path / "model"
+    shutil.copytree(ct_master, root)
+    model = TinyModel(root, root, relative=True)
+    body = {"sources": {"bf16": "bf16", "w4": "ct-w4a16", "f8": "ct-fp8"}, "base": "bf16", "default": "bf16",
+            "dtype": "bfloat16", "rules": [{"targets": ["model.layers.*.mlp.experts"], "source": "w4"},
+                                           {"targets": ["model.layers.*.self_attn.*"], "source": "f8"}]}  # fmt: skip
+    import yaml
+
+    (root / "recipe.yaml").write_text(yaml.safe_dump(body))
+    return model
+
+
+def test_ct_tiny_recipe_plans(ct: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(ct.recipe_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ct_w4a16     int4-g128" in out and "ct_fp8       fp8-channel-dynamic" in out
+
+
+def test_ct_weight_packed_along_the_wrong_dim(ct: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Packed along out ([out/8, in], GPTQ-like) instead of along in ([out, in/8])."""
+    name = "model.layers.0.mlp.experts.3.down_proj.weight_packed"
+    shard = ct.rewrite("ct-w4a16", name, lambda t: torch.zeros(t.shape[0] // 8, t.shape[1] * 8, dtype=torch.int32))
+    err = fails(capsys, ct.recipe_path)
+    assert f"{shard}: tensor {name!r} has shape [32, 256] but the model config implies [256, 32] for ct_w4a16" in err
+
+
+def test_ct_zero_point_missing_for_asymmetric_scheme(ct: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ct.set_config("ct-w4a16", quantization_config=w4a16_config(128, symmetric=False))
+    err = fails(capsys, ct.recipe_path)
+    assert (
+        f"source 'w4' ({ct.src('ct-w4a16')}): tensor 'model.layers.0.mlp.experts.0.gate_proj.weight_zero_point'" in err
+    )
+    assert "is in no shard, but layer 'model.layers.0.mlp.experts' routed to this source as ct_w4a16 needs it" in err
+
+
+def test_ct_group_size_that_does_not_divide(ct: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ct.set_config("ct-w4a16", quantization_config=w4a16_config(96))
+    err = fails(capsys, ct.recipe_path)
+    assert f"source 'w4' ({ct.src('ct-w4a16')}): layer 'model.layers.0.mlp.experts'" in err
+    assert "compressed-tensors W4A16 group_size 96 does not divide a linear's in_features 256" in err
+    assert "use a checkpoint quantized with a group size that divides every input size" in err
+
+
+def test_ct_group_size_the_gpu_kernels_refuse(ct: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Group 16 (the CPU int4 GEMM takes it): no CUDA int4 GEMM vLLM picks from does."""
+    qc = w4a16_config(16)
+    ct.set_config("ct-w4a16", quantization_config=qc)
+    for f in ct.shards("ct-w4a16"):  # rewrite every weight in the new group size
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(f)
+        for key in [k for k in tensors if k.endswith(".weight_scale")]:
+            tensors[key] = torch.full((tensors[key].shape[0], tensors[key].shape[1] * 8), 0.01, dtype=torch.bfloat16)
+        save_file(tensors, f)
+    body = ct.recipe_data() | {"rules": [{"targets": ["model.layers.*.self_attn.*"], "source": "w4"}]}
+    import yaml
+
+    (ct.root / "g16.yaml").write_text(yaml.safe_dump(body))
+    rc = main(["plan", str(ct.root / "g16.yaml"), "--tp", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in out + err
+    assert "CompressedTensorsWNA16" in out + err and "no int4 kernel accepts" in out + err, out + err
+
+
+def test_ct_unsupported_schemes(ct: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    int8 = fp8_config("channel") | {"format": "int-quantized"}
+    group = int8["config_groups"]["group_0"]
+    group["weights"] |= {"type": "int"}
+    group["input_activations"] |= {"type": "int"}
+    sparse = w4a16_config() | {"format": "sparse-24-bitmask",
+                               "sparsity_config": {"format": "sparse-24-bitmask", "targets": ["Linear"]}}  # fmt: skip
+    mixed = w4a16_config()
+    mixed["config_groups"]["group_1"] = fp8_config()["config_groups"]["group_0"] | {"format": "float-quantized"}
+    cases = [
+        (int8, "its scheme is int-quantized: weights int8 channel, input activations int8 token dynamic"),
+        (sparse, "it is sparse (sparse-24-bitmask; vLLM removed compressed-tensors sparsity support)"),
+        (mixed, "its config_groups use different schemes (group_0 (pack-quantized: weights int4 group 128"),
+    ]
+    for qc, why in cases:
+        ct.set_config("ct-w4a16", quantization_config=qc)
+        err = fails(capsys, ct.recipe_path)
+        assert f"source 'w4' ({ct.src('ct-w4a16')})" in err and "unsupported compressed-tensors checkpoint: " in err
+        assert why in err, err
+        assert "vllm-mixed reads compressed-tensors pack-quantized W4A16" in err
+        assert "route these layers to another source" in err
+
+
+def test_ct_fp8_static_input_scale_missing(ct: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ct.set_config("ct-fp8", quantization_config=fp8_config("tensor", "static"))
+    err = fails(capsys, ct.recipe_path)
+    assert "tensor 'model.layers.0.self_attn.q_proj.weight_scale' has shape [512, 1]" in err
+    assert "implies [1] for ct_fp8" in err
+
+
+def test_ct_fused_layer_partly_ignored(ct: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ct.set_config("ct-fp8", quantization_config=fp8_config(ignore=["lm_head", "re:.*mlp.gate$", "re:.*k_proj$"]))
+    err = fails(capsys, ct.recipe_path)
+    assert "fused layer 'model.layers.0.self_attn.qkv_proj' is partly quantized" in err
+    assert "ignored or untargeted: model.layers.0.self_attn.k_proj" in err
+    assert "Fix the checkpoint's ignore/targets, or route the layer to another source" in err

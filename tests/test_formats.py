@@ -357,9 +357,164 @@ def test_unquantized_round_trip(dtype: str, torch_dtype: torch.dtype, mantissa: 
 
 
 def test_formats_table() -> None:
-    assert {"unquantized", "fp8_block", "gptq_int4", "gptq_int8", "awq"} <= set(FORMATS)
+    from vllm_mixed.formats.ct_fp8 import CT_FP8_QUANT_CONFIG
+    from vllm_mixed.formats.ct_w4a16 import CT_W4A16_QUANT_CONFIG
+
+    assert set(FORMATS) == {"unquantized", "fp8_block", "gptq_int4", "gptq_int8", "awq", "ct_w4a16", "ct_fp8"}
+    configs = {"ct_w4a16": CT_W4A16_QUANT_CONFIG, "ct_fp8": CT_FP8_QUANT_CONFIG}
     for name, fmt in FORMATS.items():
         assert fmt.name == name
-        for spec in fmt.specs(256, 512, {"group_size": 128, "weight_block_size": [128, 128]}).values():
+        qc = configs.get(name, {"group_size": 128, "weight_block_size": [128, 128]})
+        for spec in fmt.specs(256, 512, qc).values():
             assert set(spec.dtypes) <= set(DTYPE_SIZES)
     assert GPTQ_INT4.precision({"group_size": 64}) == "int4-g64"
+
+
+# --- compressed-tensors sources, against compressed-tensors' own decompressors ----------------------------------
+
+from vllm_mixed.formats import ct_common  # noqa: E402
+from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_config  # noqa: E402
+from vllm_mixed.formats.ct_w4a16 import CT_W4A16, w4a16_config  # noqa: E402
+
+
+def _ct_decompress(tensors: dict[str, torch.Tensor], quant_config: dict) -> torch.Tensor:
+    """compressed-tensors' own decompression of one module's tensors (the
+    independent reference): its compressor for the config group's format."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    group = quant_config["config_groups"]["group_0"]
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"],
+                                input_activations=group.get("input_activations"))  # fmt: skip
+    compressor = BaseCompressor.get_value_from_registry(quant_config["format"])
+    return compressor.decompress(dict(tensors), scheme)["weight"]
+
+
+W4A16_CASES = [(128, True), (32, True), (None, True), (128, False), (64, False), (None, False)]
+
+
+@pytest.mark.parametrize("group,symmetric", W4A16_CASES)
+def test_ct_w4a16_decode_equals_compressed_tensors(group: int | None, symmetric: bool) -> None:
+    qc = w4a16_config(group, symmetric)
+    n, k = 96, 256
+    w = random_weight(n, k)
+    enc = CT_W4A16.quantize(w, qc)
+    specs = CT_W4A16.specs(n, k, qc)
+    assert sorted(enc) == sorted(specs)
+    for suffix, t in enc.items():
+        assert tuple(t.shape) == specs[suffix].shape and SAFETENSORS_DTYPE.get(t.dtype, "I64") in specs[suffix].dtypes
+    ours = CT_W4A16.dequantize(enc, qc)
+    theirs = _ct_decompress({s: t.clone() for s, t in enc.items()}, qc).to(torch.float64)
+    assert torch.equal(ours.to(torch.bfloat16), theirs.to(torch.bfloat16))  # the library decodes in the scale dtype
+    assert torch.allclose(ours, theirs, rtol=2**-7, atol=0)
+    g = group or k
+    step = enc["weight_scale"].to(torch.float64).repeat_interleave(g, dim=1)
+    assert bool(((ours - w).abs() <= step * 0.5 + 1e-12).all())  # round to nearest, extremes in range
+
+
+@pytest.mark.parametrize("group,symmetric", [(128, True), (64, False)])
+def test_ct_w4a16_packing_is_compressed_tensors_pack(group: int, symmetric: bool) -> None:
+    """The exact words of compressed-tensors' ``pack_to_int32`` (codes + 8,
+    along in; zero points along out)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    qc = w4a16_config(group, symmetric)
+    enc = CT_W4A16.quantize(random_weight(64, 256), qc)
+    codes = unpack_from_int32(enc["weight_packed"], 4, torch.Size([64, 256]))
+    assert torch.equal(pack_to_int32(codes, 4), enc["weight_packed"])
+    if not symmetric:
+        zp = unpack_from_int32(enc["weight_zero_point"], 4, torch.Size([64, 256 // group]), packed_dim=0)
+        assert torch.equal(pack_to_int32(zp, 4, packed_dim=0), enc["weight_zero_point"])
+        assert int(zp.min()) >= -8 and int(zp.max()) <= 7 and bool((zp != 0).any())
+
+
+FP8_CASES = [("channel", "dynamic"), ("tensor", "dynamic"), ("tensor", "static"), ("block", "dynamic")]
+
+
+@pytest.mark.parametrize("weights,activations", FP8_CASES)
+def test_ct_fp8_decode_equals_compressed_tensors(weights: str, activations: str) -> None:
+    qc = fp8_config(weights, activations)
+    # compressed-tensors' decompressor infers the block shape as rows // scale rows: whole blocks only
+    # (partial blocks: expand_block_scale, tested with FP8 block above)
+    n, k = 256 if weights == "block" else 200, 256
+    w = random_weight(n, k)
+    enc = CT_FP8.quantize(w, qc)
+    specs = CT_FP8.specs(n, k, qc)
+    assert sorted(enc) == sorted(specs)
+    for suffix, t in enc.items():
+        assert tuple(t.shape) == specs[suffix].shape and SAFETENSORS_DTYPE[t.dtype] in specs[suffix].dtypes
+    ours = CT_FP8.dequantize(enc, qc)
+    theirs = _ct_decompress({"weight": enc["weight"], "weight_scale": enc["weight_scale"]}, qc).to(torch.float64)
+    assert torch.allclose(ours, theirs, rtol=2**-7, atol=0)
+    assert torch.allclose(ours, w, rtol=2**-3, atol=float(enc["weight_scale"].float().max()) * 2**-6)
+
+
+def test_ct_fp8_per_tensor_fused_members_keep_their_scales() -> None:
+    """vLLM holds one per-tensor scale per fused member (and requantizes to
+    the max after loading); the fallback decodes each member with its own."""
+    qc = fp8_config("tensor")
+    parts = [64, 32, 32]
+    members = [random_weight(p, 128) for p in parts]
+    enc = [CT_FP8.quantize(m, qc) for m in members]
+    tensors = {"weight": torch.cat([e["weight"] for e in enc]),
+               "weight_scale": torch.stack([e["weight_scale"].float().reshape(()) for e in enc])}  # fmt: skip
+    fused = CT_FP8.dequantize_linear(tensors, qc, parts, torch.float64)
+    assert torch.equal(fused, torch.cat([CT_FP8.dequantize(e, qc) for e in enc]))
+    experts = {"weight": torch.stack([tensors["weight"][:64]] * 3),
+               "weight_scale": torch.stack([tensors["weight_scale"][:2]] * 3)}  # fmt: skip
+    stacked = CT_FP8.dequantize_experts(experts, qc, torch.float64)
+    s0, s1 = (float(v) for v in tensors["weight_scale"][:2])
+    rows = torch.tensor([s0] * 32 + [s1] * 32, dtype=torch.float64).unsqueeze(1)  # w1 rows, then w3 rows
+    expected = tensors["weight"][:64].to(torch.float64) * rows
+    assert stacked.shape == (3, 64, 128)
+    assert all(torch.equal(stacked[e], expected) for e in range(3))
+
+
+def test_ct_w4a16_stacked_experts_equal_per_expert_decode() -> None:
+    qc = w4a16_config(128, False)
+    enc = [CT_W4A16.quantize(random_weight(64, 256), qc) for _ in range(3)]
+    stacked = {s: torch.stack([e[s] for e in enc]) for s in enc[0]}
+    got = CT_W4A16.dequantize_experts(stacked, qc, torch.float32)
+    for i, e in enumerate(enc):
+        assert torch.equal(got[i], CT_W4A16.dequantize(e, qc).to(torch.float32))
+
+
+def test_ct_detection_claims_one_format_each() -> None:
+    from vllm_mixed.formats import detect_format
+
+    for qc in (w4a16_config(128), w4a16_config(None, False)):
+        assert detect_format(qc, "x") == "ct_w4a16"
+    for weights, activations in FP8_CASES:
+        assert detect_format(fp8_config(weights, activations), "x") == "ct_fp8"
+    assert ct_common.ct_kind({"quant_method": "gptq"}) is None
+
+
+def test_ct_ignore_and_targets_follow_vllm_matching() -> None:
+    """vLLM's matching (re.match, anchored at the start only): the published
+    ``re:.*mlp.gate$`` ignores the router and not gate_up_proj."""
+    from vllm.model_executor.layers.quantization.utils.config_utils import is_equal_or_regex_match
+
+    names = ["model.layers.0.mlp.gate", "model.layers.0.mlp.gate_up_proj", "model.layers.1.mlp.experts.3.gate_proj",
+             "lm_head", "model.layers.0.self_attn.q_proj"]  # fmt: skip
+    patterns = ["re:.*mlp.gate$", "re:.*mlp.gate", "lm_head", "re:.*self_attn", "model.layers.0.self_attn.q_proj"]
+    for name in names:
+        for pattern in patterns:
+            assert ct_common.matches(name, pattern) == is_equal_or_regex_match(name, pattern), (name, pattern)
+
+
+def test_ct_moe_rules_restate_vllms_checks() -> None:
+    from vllm_mixed.models.base import Geometry
+    from vllm_mixed.parallel import FAILS, OK, Parallel
+
+    g = Geometry(hidden=2048, heads=32, kv_heads=4, head_dim=128, vocab=1024, experts=128, inter=768)
+    one, four = Parallel(tp=1), Parallel(tp=4)
+    per_token = fp8_config("tensor")
+    per_token["config_groups"]["group_0"]["input_activations"]["strategy"] = "token"
+    assert CT_FP8.moe_rule(768, g, one, fp8_config())[1] == OK
+    assert CT_FP8.moe_rule(768, g, one, fp8_config("tensor", "static"))[1] == OK
+    kernel, status, why = CT_FP8.moe_rule(768, g, one, per_token)
+    assert status == FAILS and "tensor weights with token input activations" in why
+    assert CT_FP8.moe_rule(192, g, four, fp8_config("block"))[1] == FAILS  # 768 / 4 is not whole 128-blocks
+    assert CT_W4A16.moe_rule(768, g, one, w4a16_config(128)) == ("CompressedTensorsWNA16MoEMethod: Marlin MoE", OK, "")
+    kernel, status, why = CT_W4A16.moe_rule(96, g, Parallel(tp=8), w4a16_config(128))
+    assert status == FAILS and "intermediate_size_per_partition 96" in why and "group_size 128" in why

@@ -77,7 +77,21 @@ def test_detect_format_accepts(qc: dict[str, Any] | None, expected: str) -> None
         ),
         ({**GPTQ_QUANT_CONFIG, "group_size": -1}, "group_size=-1 (needs a positive group size such as 128)"),
         ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version='gemv' (only AutoAWQ's 'gemm' packing"),
-        ({"quant_method": "compressed-tensors"}, "quant_method 'compressed-tensors' is not supported"),
+        ({"quant_method": "compressed-tensors"}, "unsupported compressed-tensors checkpoint: it has no config_groups"),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "int-quantized",
+                "config_groups": {
+                    "g": {
+                        "targets": ["Linear"],
+                        "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+                        "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True},
+                    }
+                },
+            },
+            "its scheme is int-quantized: weights int8 channel, input activations int8 token dynamic",
+        ),
     ],
 )
 def test_detect_format_refuses(qc: dict[str, Any], expected: str) -> None:

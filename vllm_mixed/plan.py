@@ -186,13 +186,9 @@ def _resolve(recipe: Recipe, layer: Layer, used_rules: set[int]) -> str:
 
 def layer_format(src: Source, layer: Layer) -> str:
     """The format a layer has in a source: quantizable layers take the
-    source's format unless its config leaves them unconverted."""
-    if not layer.quantizable or not get_format(src.format).quantized:
-        return UNQUANTIZED.name
-    qc = src.quant_config or {}
-    skipped = list(qc.get("modules_to_not_convert") or []) + list(qc.get("ignored_layers") or [])
-    names = [layer.name, *(m.name for m in layer.members[:3])]
-    if any(n == s or n.endswith("." + s) for n in names for s in skipped):
+    source's format unless its format says the config leaves them in float."""
+    fmt = get_format(src.format)
+    if not layer.quantizable or not fmt.quantized or not fmt.converts(src.quant_config, layer, src.where):
         return UNQUANTIZED.name
     return src.format
 
@@ -214,7 +210,11 @@ def layer_tensors(src: Source, layer: Layer, fmt: str) -> tuple[TensorInfo, ...]
     the spec its format and the model's shape give."""
     out = []
     for m in layer.members:
-        for suffix, spec in _specs(src, fmt, m).items():
+        try:
+            specs = _specs(src, fmt, m)
+        except MixedError as exc:  # a format's own shape rule (e.g. a group size that does not divide)
+            raise MixedError(f"{src.where}: layer {layer.name!r}, member {m.name!r}: {exc}") from None
+        for suffix, spec in specs.items():
             name = f"{m.name}.{suffix}"
             if not src.has(name):
                 if spec.optional:

@@ -13,6 +13,8 @@ from typing import Any
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats.awq import AWQ
 from vllm_mixed.formats.base import Format, TensorSpec
+from vllm_mixed.formats.ct_fp8 import CT_FP8
+from vllm_mixed.formats.ct_w4a16 import CT_W4A16
 from vllm_mixed.formats.fp8_block import FP8_BLOCK
 from vllm_mixed.formats.gptq_int4 import GPTQ_INT4
 from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
@@ -39,6 +41,8 @@ register_format(FP8_BLOCK)
 register_format(GPTQ_INT4)
 register_format(GPTQ_INT8)
 register_format(AWQ)
+register_format(CT_W4A16)
+register_format(CT_FP8)
 
 FORMAT_NAMES = tuple(FORMATS)
 # what `make-tiny` writes by default, in this order

@@ -151,6 +151,13 @@ class Format:
         """Reference decoder: the ``[out, in]`` weight the tensors encode."""
         raise NotImplementedError
 
+    def dequantize_linear(
+        self, tensors: dict[str, torch.Tensor], quant_config: QuantConfig, parts: list[int], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """One rank's loaded linear parameters (:meth:`linear_params`, output
+        ``parts`` per fused member) to its ``[out, in]`` weight."""
+        return self.dequantize(tensors, quant_config, dtype)
+
     def dequantize_experts(
         self, tensors: dict[str, torch.Tensor], quant_config: QuantConfig, out_dtype: torch.dtype
     ) -> torch.Tensor:
@@ -161,6 +168,15 @@ class Format:
     def unconverted_modules(self, layers: list[Layer]) -> list[str]:
         """Modules the published checkpoint config lists as left in float."""
         return []
+
+    def converts(self, quant_config: QuantConfig, layer: Layer, where: str) -> bool:
+        """Whether a checkpoint of this format holds a quantizable ``layer``
+        quantized (else in float): not if its config lists the layer or one
+        of its first members in ``modules_to_not_convert`` / ``ignored_layers``."""
+        qc = quant_config or {}
+        skipped = list(qc.get("modules_to_not_convert") or []) + list(qc.get("ignored_layers") or [])
+        names = [layer.name, *(m.name for m in layer.members[:3])]
+        return not any(n == s or n.endswith("." + s) for n in names for s in skipped)
 
     # --- vLLM --------------------------------------------------------------------------------------------------
     def measured_moe_backend(self, capability: int, quant_config: QuantConfig) -> str | None:

@@ -18,12 +18,14 @@ import torch
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
+    BasevLLMParameter,
     BlockQuantScaleParameter,
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
     ModelWeightParameter,
     PackedColumnParameter,
     PackedvLLMParameter,
+    PerTensorScaleParameter,
     RowvLLMParameter,
 )
 from vllm.model_executor.utils import set_weight_attrs
@@ -39,9 +41,17 @@ _PARAMETER_CLASSES = {
     "group_scale": GroupQuantScaleParameter,
     "block_scale": BlockQuantScaleParameter,
     "channel_scale": ChannelQuantScaleParameter,
+    "tensor_scale": PerTensorScaleParameter,
     "packed_column": PackedColumnParameter,
+    "base": BasevLLMParameter,
     "row": RowvLLMParameter,
 }
+# the dims each parameter class takes (BasevLLMParameter and PerTensorScaleParameter take none)
+_DIMS = {
+    "weight": ("input_dim", "output_dim"), "packed": ("input_dim", "output_dim"), "group_scale": ("input_dim", "output_dim"),
+    "block_scale": ("input_dim", "output_dim"), "channel_scale": ("output_dim",), "packed_column": ("output_dim",),
+    "tensor_scale": (), "base": (), "row": ("input_dim",),
+}  # fmt: skip
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, fill: float | None) -> torch.Tensor:
@@ -77,7 +87,7 @@ class DequantFallbackLinearMethod(UnquantizedLinearMethod):
             input_size_per_partition, list(output_partition_sizes), input_size, self.quant_config
         )
         for name, p in params.items():
-            dims = {k: v for k, v in (("input_dim", p.input_dim), ("output_dim", p.output_dim)) if v is not None}
+            dims = {d: getattr(p, d) for d in _DIMS[p.kind] if getattr(p, d) is not None}
             if p.packed_dim is not None:
                 dims.update(packed_dim=p.packed_dim, packed_factor=p.packed_factor)
             data = _empty(p.shape, p.dtype or params_dtype, p.fill)
@@ -86,7 +96,8 @@ class DequantFallbackLinearMethod(UnquantizedLinearMethod):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         tensors = {name: getattr(layer, name).data for name in layer.fallback_params}
-        w = self.fmt.dequantize(tensors, self.quant_config, dtype=_WORK).to(layer.orig_dtype).contiguous()
+        w = self.fmt.dequantize_linear(tensors, self.quant_config, list(layer.logical_widths), _WORK)
+        w = w.to(layer.orig_dtype).contiguous()
         _swap_in(layer, layer.fallback_params, weight=w)
         super().process_weights_after_loading(layer)
 
