@@ -81,6 +81,10 @@ def _gptq(shapes):
     return sum(k * n // 2 + k // 128 * n // 8 * 4 + k // 128 * n * 2 + k * 4 for n, k in shapes)
 
 
+def _awq(shapes):  # qweight [k, n/8] int32, qzeros [k/128, n/8] int32, scales [k/128, n] fp16
+    return sum(k * n // 2 + k // 128 * n // 8 * 4 + k // 128 * n * 2 for n, k in shapes)
+
+
 def _fp8(shapes):
     return sum(n * k + -(-n // 128) * -(-k // 128) * 2 for n, k in shapes)
 
@@ -171,7 +175,7 @@ def test_qwen3_32b_awq_mlp_fp8_rest(tmp_path):
     plan = _plan(tmp_path, sources, "fp8", "fp8", [mlp])
     groups, rest = _linears(published_config("qwen3-32b"))
     assert {p.source for p in plan.layers if p.layer.group == "mlp"} == {"awq"}
-    assert plan.total_bytes < _fp8(groups["attention"] + groups["mlp"]) + 2 * rest
+    assert plan.total_bytes == _fp8(groups["attention"]) + 2 * rest + _awq(groups["mlp"])  # 22,227,970,048
     assert len(plan.layers) == 1 + 64 * 8 + 2 and plan.unused_rules == []
 
 
@@ -188,5 +192,9 @@ def test_llama_31_8b_w4a16_mlp_fp8_attention(tmp_path):
     plan = _plan(tmp_path, sources, "fp8", "fp8", [mlp])
     groups, rest = _linears(published_config("llama-3.1-8b-instruct"))
     assert {p.source for p in plan.layers if p.layer.group == "mlp"} == {"w4a16"}
-    assert plan.total_bytes < _float(groups["attention"] + groups["mlp"]) + 2 * rest
+    # FP8-dynamic: e4m3 weights with a bf16 scale per output channel; W4A16 g128 symmetric: packed int4, bf16
+    # group scales and the int64 [2] weight_shape of every member
+    fp8_channel = sum(n * k + 2 * n for n, k in groups["attention"])
+    w4a16 = sum(n * k // 2 + n * (k // 128) * 2 + 16 for n, k in groups["mlp"])
+    assert plan.total_bytes == fp8_channel + 2 * rest + w4a16  # 6,351,365,632
     assert len(plan.layers) == 1 + 32 * 6 + 2 and plan.unused_rules == []
