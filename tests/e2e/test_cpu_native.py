@@ -159,3 +159,26 @@ def test_forced_fallback_dequantizes_and_matches_reference(tiny_dirs, tmp_path, 
     stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
     top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
     assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, json.dumps(stats)
+
+
+def test_generate_reports_the_resident_weights(tiny_dirs, tmp_path):
+    """``vllm-mixed generate`` prints the weight bytes its engine holds (asked
+    of the worker after loading) next to the plan's prediction."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    plan = build_plan(load_recipe(write_recipe(tiny_dirs, "mix", tmp_path)))
+    model = compose(plan, tmp_path / "composed")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_mixed.cli", "generate", str(model), "--max-tokens", "4"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = re.search(r"resident on this CPU: (\d+) B .* the plan predicts (\d+) B", proc.stdout)
+    assert found, proc.stdout[-2000:]
+    held, predicted = map(int, found.groups())
+    assert predicted == cpu_resident_bytes(plan)
+    assert abs(held / predicted - 1) <= 0.02
