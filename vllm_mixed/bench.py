@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vllm_mixed.errors import MixedError
+from vllm_mixed.resident import ResidentReport
 
 if TYPE_CHECKING:
     from vllm_mixed.plan import LoadPlan
@@ -59,6 +60,7 @@ class LogFacts:
     plugin_load_s: float | None = None  # "vllm-mixed: loaded N tensors, X MiB from K files in T s"
     plugin_tensors: int | None = None
     platform: str | None = None  # written by this module's driver: cpu, cuda, ...
+    resident: dict[str, int | None] | None = None  # CPU build: the loader's measurement (vllm_mixed.resident)
 
 
 _FLOAT = r"(\d+(?:\.\d+)?)"
@@ -83,6 +85,7 @@ def parse_log(text: str) -> LogFacts:
     weights_s = [float(s) for s in _LOADING_WEIGHTS.findall(text)]
     plugin = _PLUGIN.findall(text)
     platform = re.findall(rf"^{_PLATFORM_MARK} (\w+)", text, re.M)
+    resident = ResidentReport.parse(text)
     return LogFacts(
         requests_s=req,
         total_tok_s=total,
@@ -95,6 +98,7 @@ def parse_log(text: str) -> LogFacts:
         plugin_load_s=max(float(p[3]) for p in plugin) if plugin else None,
         plugin_tensors=sum(int(p[0]) for p in plugin) if plugin else None,
         platform=platform[-1] if platform else None,
+        resident=resident.to_dict() if resident else None,
     )
 
 
@@ -113,7 +117,8 @@ class BenchRow:
     weight_bytes: int
     weight_from: str  # "vllm": measured by vLLM; "plan": the planned checkpoint bytes
     planned_bytes: int
-    resident_bytes: int | None  # CPU build: what it holds (native layers packed, dequantized ones in float)
+    resident_bytes: int | None  # CPU build: the weight bytes its model holds, measured after loading
+    resident_predicted_bytes: int | None  # CPU build: what the plan predicts it holds (cpu_resident_bytes)
     load_s: float | None
     load_from: str | None  # "vllm-mixed loader", "vllm loader" or "vllm model runner"
     platform: str | None
@@ -246,17 +251,18 @@ def run_row(name: str, source: str | None, plan: LoadPlan, work: Path, flags: li
     if rc != 0 or facts.output_tok_s is None:
         why = f"exited with status {rc}" if rc else "printed no 'Throughput:' line"
         raise MixedError(f"row {name!r}: vLLM's benchmark {why}; full log: {log}{_tail(text)}")
+    resident = predicted = None
     if facts.platform == "cpu":
         from vllm_mixed.cpu_kernels import cpu_resident_bytes
 
-        resident = cpu_resident_bytes(plan)
-    else:
-        resident = None
+        predicted = cpu_resident_bytes(plan)
+        resident = facts.resident["held"] if facts.resident else None
     (weight, weight_from), (load_s, load_from) = choose_weight(facts, plan.total_bytes), choose_load(facts)
     return BenchRow(
         name=name, source=source, model=str(model), log=str(log), wall_s=round(wall, 1),
         output_tok_s=facts.output_tok_s, total_tok_s=facts.total_tok_s, requests_s=facts.requests_s,
         weight_bytes=weight, weight_from=weight_from, planned_bytes=plan.total_bytes, resident_bytes=resident,
+        resident_predicted_bytes=predicted,
         load_s=load_s, load_from=load_from, platform=facts.platform, facts=asdict(facts),
     )  # fmt: skip
 

@@ -53,14 +53,33 @@ def cpu_method_name(fmt: str, kind: str, quant_config: dict[str, Any] | None) ->
 
 
 def cpu_resident_bytes(plan: LoadPlan) -> int:
-    """The weight bytes the CPU build holds for a plan: a layer vLLM runs
-    natively keeps the bytes the plan reads for it, a dequantized one (and
-    every float layer) its elements in the model dtype."""
+    """The weight bytes the CPU build holds for a plan (what
+    ``vllm_mixed.resident`` measures after loading): a layer vLLM runs
+    natively keeps the bytes the plan reads for it (its kernel may drop a
+    little: the GPTQ linear's symmetric zero points and ``g_idx``), a
+    dequantized one and every float layer its elements in the model dtype,
+    and the vocabulary embeddings twice where vLLM's CPU GEMM dispatch packs
+    them (it keeps their weight for the lookup and a packed copy for the
+    GEMM, on ``embed_tokens`` as on ``lm_head``)."""
     itemsize = 2 if plan.recipe.dtype in ("bfloat16", "float16") else 4
+    embedding_copies = 2 if _packs_embeddings() else 1
     total = 0
     for p in plan.layers:
         native = (
             p.fmt.quantized and cpu_fallback_reason(p.format, p.layer.kind, plan.sources[p.source].quant_config) is None
         )
-        total += p.nbytes if native else itemsize * sum(math.prod(m.shape) for m in p.layer.members)
+        size = p.nbytes if native else itemsize * sum(math.prod(m.shape) for m in p.layer.members)
+        total += size * (embedding_copies if p.layer.kind in ("embedding", "lm_head") and not native else 1)
     return total
+
+
+@cache
+def _packs_embeddings() -> bool:
+    """Whether vLLM's CPU GEMM dispatch (``dispatch_cpu_unquantized_gemm``,
+    which the vocabulary embeddings' method calls with ``remove_weight=False``)
+    makes a packed copy of a large weight here: with oneDNN (x86, Arm) it does."""
+    try:
+        from vllm import _custom_ops as ops
+    except ImportError:
+        return False
+    return bool(getattr(ops, "_supports_onednn", False))

@@ -263,6 +263,22 @@ class MixedModelLoader(BaseModelLoader):
     def download_model(self, model_config: Any) -> None:
         """Sources are local directories named in the recipe: nothing to fetch."""
 
+    def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> torch.nn.Module:
+        """vLLM's ``load_model``; on the CPU build it then logs what the model
+        holds against the plan's prediction (:mod:`vllm_mixed.resident`)."""
+        from vllm_mixed.vllm_compat import is_cpu
+
+        if not is_cpu():
+            return super().load_model(vllm_config, model_config, prefix)
+        from vllm_mixed import resident
+        from vllm_mixed.cpu_kernels import cpu_resident_bytes
+
+        before = resident.snapshot()
+        model = super().load_model(vllm_config, model_config, prefix)
+        report = resident.measure(model, before, model_config.dtype.itemsize, cpu_resident_bytes(self._plan))
+        logger.info("%s", report.line())
+        return model
+
     def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
         from vllm_mixed.config import MixedPrecisionConfig
 
@@ -274,7 +290,7 @@ class MixedModelLoader(BaseModelLoader):
             )
         comp = quant.composition
         start = time.perf_counter()
-        plan = comp.verified_plan()  # every shard's header and identity against the files now on disk
+        plan = self._plan = comp.verified_plan()  # every shard's header and identity against the files on disk
         stream = stream_plan(plan, model_config.dtype, skip=unloadable(model, plan))
         try:
             loaded = model.load_weights(stream)

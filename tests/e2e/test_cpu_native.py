@@ -17,12 +17,13 @@ import yaml
 from tests.e2e.conftest import run_vllm, write_recipe
 from vllm_mixed.checkpoint_writer import write_checkpoint
 from vllm_mixed.compose import compose
-from vllm_mixed.cpu_kernels import FALLBACK_ENV, cpu_fallback_reason
+from vllm_mixed.cpu_kernels import FALLBACK_ENV, cpu_fallback_reason, cpu_resident_bytes
 from vllm_mixed.export import export
 from vllm_mixed.formats.fp8_block import FP8_QUANT_CONFIG
 from vllm_mixed.formats.gptq_int4 import GPTQ_QUANT_CONFIG
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
+from vllm_mixed.resident import ResidentReport
 from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
 
 _rng = random.Random(99)
@@ -53,6 +54,22 @@ def max_gap(a, b):
     return gap, same_top1
 
 
+def assert_resident_as_planned(log, plan):
+    """The weight bytes the engine's model holds after loading (measured in
+    the worker, logged by the loader) equal the plan's CPU prediction within
+    2 %, and the heap grew by them plus the non-weight buffers plus at most
+    1.5 MiB (the runtime's own objects): no weight copy left uncounted."""
+    report = ResidentReport.parse(log)
+    assert report is not None, "no 'resident weights' line in the load log"
+    predicted = cpu_resident_bytes(plan)
+    assert report.predicted == predicted
+    assert abs(report.held / predicted - 1) <= 0.02, (report, predicted)
+    if report.heap_growth is not None:
+        extra = report.heap_growth - report.held - report.buffers
+        assert -0.01 * report.held <= extra <= 1.5 * 2**20, report
+    return report
+
+
 def skip_without_kernel(fmt, kind, qc):
     why = cpu_fallback_reason(fmt, kind, qc)
     if why is not None:
@@ -71,6 +88,10 @@ def test_int4_attention_runs_natively_and_matches_stock(tiny_dirs, tmp_path):
     stock = run_vllm(export(plan, tmp_path / "export", progress=False), "auto", REQUEST, tmp_path / "stock")
     assert "qkv_proj <- source 'int4' (gptq_int4) via AutoGPTQLinearMethod" in mixed["log"]
     assert "Using CPUWNA16LinearKernel" in mixed["log"] and "CPUWNA16LinearKernel" in stock["log"]
+    report = assert_resident_as_planned(mixed["log"], plan)
+    # the int4 attention stays packed: less held than the same model all in BF16
+    bf16 = build_plan(load_recipe(recipe(tiny_dirs, tmp_path, "bf16", "bf16", [])))
+    assert report.held < cpu_resident_bytes(bf16)
     gap, same_top1 = max_gap(mixed, stock)
     assert same_top1 and gap <= 1e-5, gap
     assert mixed["greedy"] == stock["greedy"]
@@ -97,6 +118,7 @@ def test_native_recipes_match_stock_single_checkpoints(name, tiny_dirs, tmp_path
     stock = run_vllm(single, "auto", REQUEST, tmp_path / "stock")
     gap, same_top1 = max_gap(mixed, stock)
     assert same_top1 and gap <= 1e-5, gap
+    assert_resident_as_planned(mixed["log"], plan)
 
 
 def splice(plan, tmp_path):
@@ -119,11 +141,17 @@ def splice(plan, tmp_path):
     return out
 
 
-def test_forced_fallback_dequantizes_and_matches_reference(tiny_dirs, tmp_path):
+def test_forced_fallback_dequantizes_and_matches_reference(tiny_dirs, tmp_path, monkeypatch):
     """VLLM_MIXED_CPU_FALLBACK=1: every quantized layer on the fallback, within
-    the float reference's tolerance (the e2e reference test's bounds)."""
+    the float reference's tolerance (the e2e reference test's bounds), holding
+    the dequantized footprint the plan predicts for it."""
     plan = build_plan(load_recipe(write_recipe(tiny_dirs, "all-int4", tmp_path)))
     result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path, env={FALLBACK_ENV: "1"})
+    with monkeypatch.context() as env:
+        env.setenv(FALLBACK_ENV, "1")
+        report = assert_resident_as_planned(result["log"], plan)
+    bf16 = cpu_resident_bytes(build_plan(load_recipe(write_recipe(tiny_dirs, "all-bf16", tmp_path))))
+    assert abs(report.held / bf16 - 1) <= 0.02, (report, bf16)  # the BF16 footprint
     assert f"via DequantFallbackLinearMethod (dequantized to the model dtype: {FALLBACK_ENV}=1)" in result["log"]
     assert "experts <- source 'int4' (gptq_int4) via DequantFallbackMoEMethod" in result["log"]
     assert "CPUWNA16LinearKernel" not in result["log"]
@@ -131,3 +159,26 @@ def test_forced_fallback_dequantizes_and_matches_reference(tiny_dirs, tmp_path):
     stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
     top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
     assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, json.dumps(stats)
+
+
+def test_generate_reports_the_resident_weights(tiny_dirs, tmp_path):
+    """``vllm-mixed generate`` prints the weight bytes its engine holds (asked
+    of the worker after loading) next to the plan's prediction."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    plan = build_plan(load_recipe(write_recipe(tiny_dirs, "mix", tmp_path)))
+    model = compose(plan, tmp_path / "composed")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_mixed.cli", "generate", str(model), "--max-tokens", "4"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = re.search(r"resident on this CPU: (\d+) B .* the plan predicts (\d+) B", proc.stdout)
+    assert found, proc.stdout[-2000:]
+    held, predicted = map(int, found.groups())
+    assert predicted == cpu_resident_bytes(plan)
+    assert abs(held / predicted - 1) <= 0.02

@@ -133,12 +133,16 @@ def _report(rows: list[BenchRow], flags: list[str], plot: str | None, backend: s
     lines.append("vllm bench throughput, the same for every row: " + " ".join(flags))
     for f in sorted({r.weight_from for r in rows}):
         lines.append(f"weight ({f}): {WEIGHT_NOTES[f][1]}")
-    resident = {r.resident_bytes for r in rows if r.resident_bytes is not None}
-    if resident:
-        shown = ", ".join(human(b) for b in sorted(resident))
+    cpu_rows = [r for r in rows if r.resident_predicted_bytes is not None]
+    for r in cpu_rows:
+        held = "not logged" if r.resident_bytes is None else f"{human(r.resident_bytes)} held after loading (measured)"
         lines.append(
-            f"resident on the CPU build: {shown} per row: layers vLLM's CPU build has kernels for stay packed, the "
-            "others are dequantized to the model dtype at load (rows then run the same float kernels there)"
+            f"resident on the CPU build, {r.name}: {held}, {human(r.resident_predicted_bytes)} predicted by the plan"
+        )
+    if cpu_rows:
+        lines.append(
+            "resident (CPU build): layers vLLM's CPU build has kernels for stay packed, the others are dequantized to "
+            "the model dtype at load; the vocabulary embeddings are held twice (weight and oneDNN-packed copy)"
         )
     for f in sorted({r.load_from for r in rows if r.load_from}):
         lines.append(f"load s ({f}): {LOAD_NOTES[f]}")

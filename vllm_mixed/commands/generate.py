@@ -27,7 +27,6 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vllm_mixed.composition import Composition
-    from vllm_mixed.cpu_kernels import cpu_resident_bytes
     from vllm_mixed.errors import MixedError
     from vllm_mixed.plan import build_plan
     from vllm_mixed.text import human, table
@@ -43,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     llm = LLM(model=args.model, load_format="mixed", max_model_len=args.max_model_len, enforce_eager=True,
-              gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
+              gpu_memory_utilization=args.gpu_memory_utilization,
+              worker_extension_cls="vllm_mixed.resident.ResidentExtension")  # fmt: skip
     ready = time.perf_counter() - start
     out = llm.generate([args.prompt], SamplingParams(max_tokens=args.max_tokens, temperature=0.0))[0]
     print(f"\nprompt:    {args.prompt!r}\ngenerated: {out.outputs[0].text!r}")
@@ -52,9 +52,21 @@ def run(args: argparse.Namespace) -> int:
     rows.append(("total", plan.total_bytes, human(plan.total_bytes)))
     print(table(["precision", "weight bytes read", ""], rows, right={1, 2}))
     if is_cpu():
-        size = cpu_resident_bytes(plan)
-        print(
-            f"resident on this CPU: {size} B ({human(size)}): vLLM's CPU kernels keep their layers packed, the "
-            f"layers they have none for are dequantized to {plan.recipe.dtype} at load (the load log names each)"
-        )
+        for report in llm.collective_rpc("vllm_mixed_resident"):
+            if report:
+                print(resident_text(report, plan.recipe.dtype))
     return 0
+
+
+def resident_text(report: dict, dtype: str) -> str:
+    """The CPU build's measured weight memory (``vllm_mixed.resident``)
+    against the plan's prediction, for people."""
+    from vllm_mixed.text import human
+
+    held, predicted = report["held"], report["predicted"]
+    heap = f", the heap grew {human(report['heap_growth'])}" if report.get("heap_growth") is not None else ""
+    return (
+        f"resident on this CPU: {held} B ({human(held)}) of weights held after loading{heap}; the plan predicts "
+        f"{predicted} B ({held / max(predicted, 1) - 1:+.2%}). vLLM's CPU kernels keep their layers packed, the "
+        f"layers they have none for are dequantized to {dtype} at load (the load log names each)"
+    )

@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if cpu:
         from vllm_mixed.cpu_kernels import cpu_fallback_reason, cpu_method_name
     summary = plan_summary(plan, pure, cpu_method_name if cpu else None)
+    if cpu:
+        from vllm_mixed.cpu_kernels import cpu_resident_bytes
+
+        summary["cpu_resident_bytes"] = cpu_resident_bytes(plan)  # what this CPU build will hold (README, "On a CPU")
     checks = None
     if args.tp is not None or args.ep:
         parallel = Parallel(tp=args.tp or 1, ep=args.ep)
@@ -115,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if cpu:
+        held = summary["cpu_resident_bytes"]
+        print(f"on this CPU the model will hold {held} B ({human(held)}) of weights (the loader logs what it holds)")
         for g, src, fmt, kind in dict.fromkeys((p.layer.group, p.source, p.format, p.layer.kind) for p in plan.layers):
             why = cpu_fallback_reason(fmt, kind, sources[src].quant_config) if kind in ("linear", "experts") else None
             if why:
