@@ -258,21 +258,6 @@ def variants_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("variants") / "model"
     make_tiny(root, arch="llama", formats=(UNQUANTIZED, AWQ, act_order_tiny()))
-
-
-# --- compressed-tensors sources ---------------------------------------------------------------------------------
-
-from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_config  # noqa: E402
-from vllm_mixed.formats.ct_w4a16 import CT_W4A16, w4a16_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ct_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_mixed.formats import UNQUANTIZED
-    from vllm_mixed.tiny import make_tiny
-
-    root = tmp_path_factory.mktemp("ct-master") / "model"
-    make_tiny(root, formats=(UNQUANTIZED, CT_W4A16, CT_FP8))
     return root
 
 
@@ -343,6 +328,23 @@ def test_act_order_g_idx_missing(variants: Any, capsys: pytest.CaptureFixture[st
     assert "the config declares desc_act: true (act-order), whose column-to-group map is this tensor" in err
 
 
+# --- compressed-tensors sources ---------------------------------------------------------------------------------
+
+from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_config  # noqa: E402
+from vllm_mixed.formats.ct_w4a16 import CT_W4A16, w4a16_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ct_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_mixed.formats import UNQUANTIZED
+    from vllm_mixed.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("ct-master") / "model"
+    make_tiny(root, formats=(UNQUANTIZED, CT_W4A16, CT_FP8))
+    return root
+
+
+@pytest.fixture
 def ct(ct_master: Path, tmp_path: Path) -> Any:
     from tests.conftest import TinyModel
 
