@@ -14,7 +14,8 @@ import yaml
 
 from tests.test_full_shape_plan import BF16, FP8, GPTQ, MIX_A
 from vllm_mixed.errors import MixedError
-from vllm_mixed.fit import budget_table, choice_of, recipe_yaml, routing_rules
+from vllm_mixed.fit import choice_of, recipe_yaml, routing_rules
+from vllm_mixed.fit_measure import budget_table
 from vllm_mixed.fit_solver import Option, Unit, minimum_bytes, pareto_front, parse_size, solve
 from vllm_mixed.plan import build_plan, open_sources
 from vllm_mixed.recipe import load_recipe, recipe_from_dict

@@ -36,170 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_mixed.errors import MixedError
-from vllm_mixed.fit_solver import Option, Point, Unit, minimum_bytes, pareto_front, solve
+from vllm_mixed.fit_measure import BudgetTable, budget_table, measure, prompt_token_ids
+from vllm_mixed.fit_solver import Point, pareto_front, solve
 from vllm_mixed.recipe import Recipe, Rule, target_matches
 
 __all__ = [
-    "BudgetTable", "FitResult", "budget_table", "fit", "measure", "recipe_yaml", "routing_rules",
+    "BudgetTable", "FitResult", "budget_table", "choice_of", "fit", "recipe_yaml", "routing_rules",
 ]  # fmt: skip
 
 PARETO_ROWS = 12  # rows of the Pareto table written into the recipe
-
-
-@dataclass(frozen=True)
-class UnitBytes:
-    layer: str
-    kind: str
-    bytes_by_source: dict[str, int]  # every source that can supply the layer
-
-
-@dataclass(frozen=True)
-class BudgetTable:
-    reference: str
-    sources: tuple[str, ...]
-    units: tuple[UnitBytes, ...]
-
-    def pure_bytes(self, source: str) -> int | None:
-        """The whole model from ``source`` (None: it cannot supply every layer)."""
-        if any(source not in u.bytes_by_source for u in self.units):
-            return None
-        return sum(u.bytes_by_source[source] for u in self.units)
-
-    def candidates(self) -> list[tuple[str, str]]:
-        """(layer, source) pairs worth measuring: fewer bytes than the reference."""
-        return [c for u in self.units for c in self.candidates_of(u)]
-
-    def solver_units(self, dkl: dict[tuple[str, str], float]) -> list[Unit]:
-        units = []
-        for u in self.units:
-            ref = u.bytes_by_source[self.reference]
-            opts = [Option(self.reference, ref, 0.0)]
-            opts += [Option(s, u.bytes_by_source[s], dkl[(u.layer, s)]) for _, s in self.candidates_of(u)]
-            units.append(Unit(u.layer, tuple(opts)))
-        return units
-
-    def candidates_of(self, u: UnitBytes) -> list[tuple[str, str]]:
-        ref = u.bytes_by_source[self.reference]
-        return [(u.layer, s) for s, b in u.bytes_by_source.items() if s != self.reference and b < ref]
-
-    @property
-    def minimum(self) -> int:
-        return minimum_bytes([Unit(u.layer, tuple(Option(s, b, 0.0) for s, b in u.bytes_by_source.items()))
-                              for u in self.units])  # fmt: skip
-
-
-def budget_table(recipe: Recipe, reference: str, sources: dict[str, Any] | None = None) -> BudgetTable:
-    """Bytes of every layer in every source that can supply it, from the
-    safetensors headers only (no tensor data is read)."""
-    from vllm_mixed.models import layers_for
-    from vllm_mixed.plan import layer_format, open_sources, plan_layer
-
-    sources = sources or open_sources(recipe)
-    base = sources[recipe.base]
-    units = []
-    for layer in layers_for(base.config, f"base {recipe.base!r} ({base.path}/config.json)"):
-        by_source = {}
-        for name, src in sources.items():
-            try:
-                by_source[name] = plan_layer(src, layer, layer_format(src, layer)).nbytes
-            except MixedError:
-                continue  # this source cannot supply the layer
-        if reference not in by_source:
-            raise MixedError(
-                f"layer {layer.name!r}: the reference source {reference!r} cannot supply it; pick another --against"
-            )
-        units.append(UnitBytes(layer.name, layer.kind, by_source))
-    return BudgetTable(reference, tuple(sources), tuple(units))
-
-
-# --- measurement ---------------------------------------------------------------------------------------------
-
-
-def layer_weights(src: Any, layer: Any) -> dict[str, Any]:
-    """Checkpoint member name -> float32 [out, in] weight of one layer as
-    ``src`` holds it (the format's reference decoder)."""
-    import torch
-    from safetensors import safe_open
-
-    from vllm_mixed.plan import layer_format, plan_layer
-
-    planned = plan_layer(src, layer, layer_format(src, layer))
-    by_member: dict[str, dict[str, Any]] = {}
-    by_file: dict[str, list[Any]] = {}
-    for info in planned.tensors:
-        by_file.setdefault(str(info.file), []).append(info)
-    for path, infos in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for info in infos:
-                member, suffix = info.name.rsplit(".", 1)
-                by_member.setdefault(member, {})[suffix] = f.get_tensor(info.name)
-    qc = src.quant_config if planned.fmt.quantized else None
-    return {m: planned.fmt.dequantize(t, qc, torch.float64).to(torch.float32) for m, t in by_member.items()}
-
-
-def prompt_token_ids(base_path: str | Path, prompts: Sequence[Any]) -> list[list[int]]:
-    """Token ids as vLLM makes them from text prompts (the base's tokenizer,
-    its special tokens added); token-id prompts as given."""
-    from transformers import AutoTokenizer
-
-    tok = None
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            tok = tok or AutoTokenizer.from_pretrained(str(base_path))
-            out.append(list(tok(p).input_ids))
-        else:
-            out.append(list(p))
-    return out
-
-
-def measure(
-    recipe: Recipe, table: BudgetTable, token_ids: list[list[int]], sources: dict[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> dict[tuple[str, str], float]:  # fmt: skip
-    """ΔKL(reference || variant), nats per token averaged over every scored
-    position, of each candidate (layer, source) of ``table`` alone."""
-    import torch
-
-    from vllm_mixed.models import layers_for, model_for
-    from vllm_mixed.plan import open_sources
-
-    say = progress or (lambda _msg: None)
-    sources = sources or open_sources(recipe)
-    ref_src = sources[table.reference]
-    cfg = sources[recipe.base].config
-    spec = model_for(cfg, "base config")
-    layers = {layer.name: layer for layer in layers_for(cfg, "base config")}
-    ref_weights: dict[str, Any] = {}
-    for layer in layers.values():
-        ref_weights.update(layer_weights(ref_src, layer))
-    torch.manual_seed(0)
-    model = spec.reference_model(cfg, ref_weights)
-    names = list(model.state_dict())
-    scored = [ids for ids in token_ids if len(ids) >= 2]
-    if not scored:
-        raise MixedError("no prompt has two tokens or more; give longer prompts")
-
-    @torch.no_grad()
-    def logprobs() -> list[Any]:
-        return [torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].to(torch.float64), -1) for ids in scored]
-
-    ref_lp = logprobs()
-    positions = sum(len(lp) for lp in ref_lp)
-    out = {}
-    todo = table.candidates()
-    for n, (layer_name, source) in enumerate(todo, 1):
-        layer = layers[layer_name]
-        swapped = spec.reference_state(cfg, names, layer_weights(sources[source], layer))
-        restore = spec.reference_state(cfg, names, {m.name: ref_weights[m.name] for m in layer.members})
-        model.load_state_dict(swapped, strict=False)
-        var_lp = logprobs()
-        model.load_state_dict(restore, strict=False)
-        kl = sum(float((r.exp() * (r - v)).sum()) for r, v in zip(ref_lp, var_lp)) / positions
-        out[(layer_name, source)] = max(kl, 0.0)
-        say(f"fit: measured {n}/{len(todo)}: {layer_name} from {source}: ΔKL {kl:.4g}")
-    return out
 
 
 # --- recipes -------------------------------------------------------------------------------------------------
@@ -272,7 +117,8 @@ class FitResult:
     recipe_text: str
     chosen: Measured
     solver: Measured  # what the solver picked (== chosen unless a pure source won)
-    pure: list[Measured] = field(default_factory=list)
+    pure: list[Measured] = field(default_factory=list)  # the pure sources within the budget, measured
+    pure_all: list[Measured] = field(default_factory=list)  # every pure source (predicted; measured if within)
     hand: list[Measured] = field(default_factory=list)
     front: list[Point] = field(default_factory=list)
     returned_pure: str | None = None
@@ -367,12 +213,15 @@ def fit(
         return math.fsum(dkl.get((n, s), 0.0) for n, s in choice.items() if s != ref)
 
     engine = _Engine(base_recipe, prompts, top_k, settings, work, say)
-    pure = []
+    pure, pure_all = [], []
     for name in table.sources:
         nbytes = table.pure_bytes(name)
-        if nbytes is not None and nbytes <= budget:
-            choice = dict.fromkeys(order, name)
-            pure.append(engine.score(Measured(f"pure {name}", nbytes, predicted(choice)), recipe.only(name)))
+        if nbytes is None:
+            continue
+        row = Measured(f"pure {name}", nbytes, predicted(dict.fromkeys(order, name)))
+        pure_all.append(row)
+        if nbytes <= budget:  # measured only where it is a candidate
+            pure.append(engine.score(row, recipe.only(name)))
     hand_rows = []
     for path in hand:
         h = load_recipe(path)
@@ -404,6 +253,6 @@ def fit(
     comments.append("")
     text = recipe_yaml(final, list(final.rules), comments)
     return FitResult(
-        budget=budget, reference=ref, recipe_text=text, chosen=chosen, solver=solved, pure=pure, hand=hand_rows,
-        front=front, returned_pure=returned_pure, engine_runs=engine.runs, measured_variants=len(dkl),
+        budget=budget, reference=ref, recipe_text=text, chosen=chosen, solver=solved, pure=pure, pure_all=pure_all,
+        hand=hand_rows, front=front, returned_pure=returned_pure, engine_runs=engine.runs, measured_variants=len(dkl),
     )  # fmt: skip

@@ -41,10 +41,10 @@ class TrainSettings:
     """The run: ``steps`` Adam steps on ``batch`` windows of ``seq_len``
     tokens drawn from the training text by a seeded generator."""
 
-    steps: int = 160
-    batch: int = 16
+    steps: int = 450
+    batch: int = 8
     seq_len: int = 128
-    lr: float = 3e-3
+    lr: float = 5e-3
     warmup: int = 10
     threads: int = 2
     seed: int = 0
@@ -209,6 +209,38 @@ def heldout_perplexity(cfg: dict[str, Any], master: dict[str, torch.Tensor], tok
     return math.exp(nll / max(n, 1))
 
 
+HAND_RECIPES = {  # name -> (comment, default, rules): the pure sources and the two mixes of configs/
+    "bf16": ("every layer BF16", "bf16", []),
+    "fp8": ("every layer from the FP8 checkpoint (norms, router, embeddings, head stay BF16 there)", "fp8", []),
+    "int4": ("every layer from the GPTQ int4 checkpoint (fp16 where it does not quantize)", "int4", []),
+    "mix-a": ("mix A: experts int4, everything else BF16", "bf16", [(["model.layers.*.mlp.experts"], "int4")]),
+    "mix-b": (
+        "mix B: experts int4, attention q/k/v/o FP8, everything else BF16", "bf16",
+        [(["model.layers.*.mlp.experts"], "int4"),
+         (["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"], "fp8")],
+    ),
+}  # fmt: skip
+
+
+def write_hand_recipes(root: Path) -> dict[str, Path]:
+    """``root/recipes/NAME.yaml`` for :data:`HAND_RECIPES` over the three
+    sources (paths relative to the recipe)."""
+    import json
+
+    out = {}
+    (root / "recipes").mkdir(parents=True, exist_ok=True)
+    for name, (comment, default, rules) in HAND_RECIPES.items():
+        lines = [f"# Trained tiny Qwen3-MoE, {comment}.", "sources:", "  bf16: ../bf16", "  fp8: ../fp8",
+                 "  int4: ../gptq-int4", "base: bf16", f"default: {default}", "dtype: bfloat16",
+                 "rules:" if rules else "rules: []"]  # fmt: skip
+        for targets, source in rules:
+            lines += [f"  - targets: {json.dumps(targets)}", f"    source: {source}"]
+        path = root / "recipes" / f"{name}.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        out[f"recipe {name}"] = path
+    return out
+
+
 def make_trained(
     directory: str | Path, settings: TrainSettings = TrainSettings(), log: Callable[[str], None] | None = None,
     shard_bytes: int = 2 * 2**20,
@@ -239,6 +271,7 @@ def make_trained(
     dirs = make_tiny(directory, seed=settings.seed, shard_bytes=shard_bytes, master=result.master, tokenizer=tokenizer)
     root = Path(directory)
     (root / "heldout.txt").write_text("\n".join(prompts) + "\n")
+    dirs.update(write_hand_recipes(root))
     info = {
         "corpus": str(Path(files[0]).parent), "python": sysconfig.get_python_version(),
         "training_files": [f.name for f in train_files], "heldout_files": [f.name for f in held_files],

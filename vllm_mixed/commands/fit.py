@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         mib = 2**20
         points = [("", p.nbytes / mib, p.kl) for p in result.front]
         points += [(m.name, m.nbytes / mib, m.kl if m.kl is not None else m.predicted_kl)
-                   for m in [*result.pure, *result.hand, result.chosen]]  # fmt: skip
+                   for m in [*result.pure_all, *result.hand, result.chosen]]  # fmt: skip
         write_plot(points, args.plot, x_label="weight MiB", y_label="KL (nats/token)",
                    title="fit: Pareto front (dots, predicted) and measured recipes")  # fmt: skip
         print(f"wrote {args.plot}")
