@@ -41,10 +41,10 @@ class TrainSettings:
     """The run: ``steps`` Adam steps on ``batch`` windows of ``seq_len``
     tokens drawn from the training text by a seeded generator."""
 
-    steps: int = 450
+    steps: int = 200
     batch: int = 8
     seq_len: int = 128
-    lr: float = 5e-3
+    lr: float = 6e-3
     warmup: int = 10
     threads: int = 2
     seed: int = 0
