@@ -135,6 +135,7 @@ class _Engine:
         self.recipe, self.prompts, self.top_k, self.settings = recipe, list(prompts), top_k, settings
         self.workdir, self.say, self.runs = workdir, progress, 0
         self._ref: Any = None
+        self.token_ids: list[list[int]] | None = None
 
     def _key(self, routes: dict[str, str]) -> str:
         body = json.dumps([routes, self.recipe.sources, self.recipe.dtype, self.prompts, self.top_k,
@@ -158,6 +159,9 @@ class _Engine:
 
         if self._ref is None:
             self._ref = self.result(self.recipe, "the reference")
+            if self.token_ids is not None and self._ref.prompt_token_ids != self.token_ids:
+                self.say("fit: note: vLLM tokenized the prompts differently from the measurement (the base's "
+                         "tokenizer in transformers); predicted and measured KL are then over different tokens")  # fmt: skip
         res = self.result(recipe, m.name)
         s = score_positions(res.prompt_token_ids, self._ref.positions, res.positions, res.vocab_size, res.top_k)
         m.kl, m.top1, m.ppl = s.kl_mean, s.top1_agreement, s.ppl_recipe
@@ -213,6 +217,7 @@ def fit(
         return math.fsum(dkl.get((n, s), 0.0) for n, s in choice.items() if s != ref)
 
     engine = _Engine(base_recipe, prompts, top_k, settings, work, say)
+    engine.token_ids = token_ids
     pure, pure_all = [], []
     for name in table.sources:
         nbytes = table.pure_bytes(name)

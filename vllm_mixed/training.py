@@ -46,7 +46,7 @@ class TrainSettings:
     seq_len: int = 128
     lr: float = 6e-3
     warmup: int = 10
-    threads: int = 2
+    threads: int = 1  # one thread: the same weights on any machine, and no spinning under load
     seed: int = 0
     max_train_bytes: int = 3_000_000  # enough text for the steps (about 1.1M tokens); tokenizing more costs time
 

@@ -19,6 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("-o", "--output", required=True, help="where to write the chosen recipe (YAML)")
     p.add_argument("--against", metavar="SOURCE", help="reference source (default: the first unquantized)")
     p.add_argument("--plot", metavar="PNG", help="draw the Pareto front (bytes against KL) to this PNG")
+    p.add_argument("--also", metavar="RECIPE", action="append", default=[],
+                   help="another hand recipe over the same sources to measure and mark (repeatable)")  # fmt: skip
     p.add_argument("--top-k", type=int, default=0, help="vLLM logprobs per position for the measured KL "
                    "(default 0: the whole vocabulary, exact; 20 on large vocabularies)")  # fmt: skip
     p.add_argument("--workdir", help="keep the measurement and the engine runs here, reused by later runs")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     result = fit(
         args.recipe, budget, load_prompts(args.prompts), against=args.against, top_k=args.top_k, settings=settings,
-        workdir=args.workdir, hand=[args.recipe], progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        workdir=args.workdir, hand=[args.recipe, *args.also], progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )  # fmt: skip
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
