@@ -9,7 +9,7 @@ give ``heldout.txt``. The byte-level BPE tokenizer is trained on the training
 files only.
 
 Training is transformers' own ``Qwen3MoeForCausalLM`` in float32 on the CPU,
-seeded, with deterministic algorithms and a fixed thread count, so one Python
+seeded, with deterministic algorithms and one thread, so one Python
 version and one torch build give the same weights on every run. The text
 differs between Python versions (each ships its own stdlib), and so do the
 weights.

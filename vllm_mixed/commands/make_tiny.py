@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--trained", action="store_true",
-        help="train the tiny Qwen3-MoE on the Python standard library's sources (about a minute on 2 cores) and "
+        help="train the tiny Qwen3-MoE on the Python standard library's sources (about a minute on one core) and "
         "write DIR/heldout.txt, held-out prompts for eval and fit",
     )  # fmt: skip
     p.add_argument("--train-steps", type=int, help="training steps with --trained (default: the tested setting)")
