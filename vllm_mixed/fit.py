@@ -171,12 +171,13 @@ class _Engine:
 def fit(
     recipe_path: str | Path, budget: int, prompts: Sequence[Any], *, against: str | None = None, top_k: int = 0,
     settings: Any = None, workdir: str | Path | None = None, hand: Sequence[str | Path] = (),
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, measure_threads: int | None = 1,
 ) -> FitResult:  # fmt: skip
     """Measure, solve within ``budget`` bytes, verify on vLLM (see the module
     docstring). ``workdir`` keeps the engine runs for reuse (several budgets
     over one workdir start each engine once); ``hand`` adds recipes to
-    report (predicted and measured) beside the pure sources."""
+    report beside the pure sources (predicted; measured too when within
+    the budget, like the pure sources)."""
     import tempfile
 
     from vllm_mixed.evaluate import EngineSettings, reference_source
@@ -203,7 +204,7 @@ def fit(
         dkl = {(layer, s): v for layer, s, v in saved["dkl"]}
     else:
         say(f"fit: measuring {len(table.candidates())} (layer, source) variants against {ref!r} on transformers ...")
-        dkl = measure(recipe, table, token_ids, sources, say)
+        dkl = measure(recipe, table, token_ids, sources, say, threads_used=measure_threads)
         cache.write_text(json.dumps({"key": key, "dkl": [[layer, s, v] for (layer, s), v in dkl.items()]}))
     units = table.solver_units(dkl)
     best = solve(units, budget)
@@ -232,7 +233,8 @@ def fit(
         h = load_recipe(path)
         choice = choice_of(h, order)
         nbytes = sum(u.bytes_by_source[choice[u.layer]] for u in table.units)
-        hand_rows.append(engine.score(Measured(Path(path).stem, nbytes, predicted(choice)), h))
+        row = Measured(Path(path).stem, nbytes, predicted(choice))
+        hand_rows.append(engine.score(row, h) if nbytes <= budget else row)  # measured where it is a candidate
     solved = engine.score(Measured("fit", best.nbytes, best.kl), composed(best.choice))
     chosen, returned_pure, final = solved, None, composed(best.choice)
     winner = min((p for p in pure if p.kl is not None), key=lambda p: p.kl, default=None)

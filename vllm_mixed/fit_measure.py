@@ -134,17 +134,31 @@ def prompt_token_ids(base_path: str | Path, prompts: Sequence[Any]) -> list[list
 
 def measure(
     recipe: Recipe, table: BudgetTable, token_ids: list[list[int]], sources: dict[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, threads_used: int | None = 1,
 ) -> dict[tuple[str, str], float]:  # fmt: skip
     """ΔKL(reference || variant), nats per token averaged over every scored
-    position, of each candidate (layer, source) of ``table`` alone."""
+    position, of each candidate (layer, source) of ``table`` alone, on
+    ``threads_used`` torch threads (default one: small models spin rather
+    than compute on more threads of a busy machine; None: torch's setting)."""
+    import torch
+
+    from vllm_mixed.plan import open_sources
+
+    threads = torch.get_num_threads()
+    if threads_used is not None:
+        torch.set_num_threads(threads_used)
+    try:
+        return _measure(recipe, table, token_ids, sources or open_sources(recipe), progress or (lambda _msg: None))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(recipe: Recipe, table: BudgetTable, token_ids: list[list[int]], sources: dict[str, Any],
+             say: Callable[[str], None]) -> dict[tuple[str, str], float]:  # fmt: skip
     import torch
 
     from vllm_mixed.models import layers_for, model_for
-    from vllm_mixed.plan import open_sources
 
-    say = progress or (lambda _msg: None)
-    sources = sources or open_sources(recipe)
     ref_src = sources[table.reference]
     cfg = sources[recipe.base].config
     spec = model_for(cfg, "base config")

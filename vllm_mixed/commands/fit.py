@@ -24,6 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--top-k", type=int, default=0, help="vLLM logprobs per position for the measured KL "
                    "(default 0: the whole vocabulary, exact; 20 on large vocabularies)")  # fmt: skip
     p.add_argument("--workdir", help="keep the measurement and the engine runs here, reused by later runs")
+    p.add_argument("--measure-threads", type=int, default=1, help="torch threads of the per-layer measurement "
+                   "(default 1, right for small models; use the machine's cores for real ones)")  # fmt: skip
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     result = fit(
         args.recipe, budget, load_prompts(args.prompts), against=args.against, top_k=args.top_k, settings=settings,
-        workdir=args.workdir, hand=[args.recipe, *args.also], progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        workdir=args.workdir, hand=[args.recipe, *args.also], measure_threads=args.measure_threads,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )  # fmt: skip
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
