@@ -29,12 +29,17 @@ test: $(STAMP)
 test-gpu:
 	python3 -m pytest -m gpu tests
 
+# the tiny Qwen3-MoE trained on the Python standard library's sources (about a minute), its plan, and greedy
+# text from the BF16 model and from the mix (experts int4) on one held-out-style prompt
+DEMO_PROMPT ?= def __init__(self, name, value=None):
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(VENV)/bin/vllm-mixed make-tiny $(DEMO)
+	$(VENV)/bin/vllm-mixed make-tiny $(DEMO) --trained
 	$(VENV)/bin/vllm-mixed plan $(DEMO)/recipe.yaml
+	$(VENV)/bin/vllm-mixed compose $(DEMO)/recipes/bf16.yaml -o $(DEMO)/bf16-only
 	$(VENV)/bin/vllm-mixed compose $(DEMO)/recipe.yaml -o $(DEMO)/mix
-	VLLM_CPU_KVCACHE_SPACE=1 $(VENV)/bin/vllm-mixed generate $(DEMO)/mix 2>&1 | grep -v -E "^(\(\w+ pid=[0-9]+\) )?(INFO|WARNING|DEBUG)" 
+	for m in bf16-only mix; do echo "== $$m"; VLLM_CPU_KVCACHE_SPACE=1 $(VENV)/bin/vllm-mixed generate $(DEMO)/$$m \
+	  --prompt '$(DEMO_PROMPT)' --max-tokens 40 2>&1 | grep -v -E "^(\(\w+ pid=[0-9]+\) )?(INFO|WARNING|DEBUG)"; done
 
 # property-based fuzzing of the recipe and safetensors-header parsers, 10,000 examples each
 fuzz: $(STAMP)

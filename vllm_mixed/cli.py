@@ -9,13 +9,13 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from vllm_mixed.commands import bench, compose, evaluate, export, generate, make_tiny, plan, serve
+from vllm_mixed.commands import bench, compose, evaluate, export, fit, generate, make_tiny, plan, serve
 from vllm_mixed.errors import MixedError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 # in the order `vllm-mixed --help` lists them
-COMMANDS = (plan, compose, serve, generate, export, bench, evaluate, make_tiny)
+COMMANDS = (plan, compose, serve, generate, export, bench, evaluate, fit, make_tiny)
 
 
 def build_parser() -> argparse.ArgumentParser:

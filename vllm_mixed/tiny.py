@@ -23,6 +23,7 @@ from vllm_mixed.models.qwen3_moe import QWEN3_MOE
 
 __all__ = [
     "TINY_CONFIG", "checkpoint_config", "checkpoint_tensors", "encode_member", "init_weight", "make_tiny", "recipe_text",
+    "train_tokenizer",
 ]  # fmt: skip
 
 TINY_CONFIG: dict[str, Any] = QWEN3_MOE.tiny_config  # the default tiny model
@@ -97,7 +98,9 @@ def checkpoint_config(cfg: dict[str, Any], fmt: Format) -> dict[str, Any]:
     return config
 
 
-def write_tokenizer(directory: Path) -> None:
+def train_tokenizer(texts: list[str] | None = None) -> Any:
+    """A byte-level BPE tokenizer of the tiny vocabulary (64 ids spare),
+    trained on ``texts`` (default: a short built-in corpus)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -109,7 +112,14 @@ def write_tokenizer(directory: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator(texts or [CORPUS] * 4, trainer=trainer)
+    return tok
+
+
+def write_tokenizer(directory: Path, tok: Any = None) -> None:
+    """tokenizer.json (``tok``, default :func:`train_tokenizer`), its config
+    and generation_config.json."""
+    tok = tok or train_tokenizer()
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(
@@ -150,20 +160,23 @@ def recipe_text(spec: ModelSpec, formats: tuple[Format, ...]) -> str:
 
 def make_tiny(
     directory: str | Path, seed: int = 0, shard_bytes: int = 2 * 2**20, arch: str | None = None,
-    formats: tuple[Format, ...] = TINY_FORMATS,
+    formats: tuple[Format, ...] = TINY_FORMATS, master: dict[str, torch.Tensor] | None = None, tokenizer: Any = None,
 ) -> dict[str, Path]:  # fmt: skip
     """Write one directory per format (``DIR/bf16``, ``DIR/fp8``,
     ``DIR/gptq-int4`` by default) of a tiny random model of ``arch`` (a
-    ``make-tiny --arch`` name; default Qwen3-MoE), and ``DIR/recipe.yaml``."""
+    ``make-tiny --arch`` name; default Qwen3-MoE), and ``DIR/recipe.yaml``.
+    ``master`` (float32 weights by member name) and ``tokenizer`` replace the
+    random weights and the built-in tokenizer (``make-tiny --trained``)."""
     root = Path(directory)
     spec = model_named(arch) if arch else QWEN3_MOE
     cfg = dict(spec.tiny_config)
-    master = master_weights(cfg, seed)
+    master = master if master is not None else master_weights(cfg, seed)
+    tokenizer = tokenizer or train_tokenizer()
     dirs = {}
     for fmt in formats:
         out = root / fmt.tiny.directory
         write_checkpoint(out, checkpoint_tensors(cfg, master, fmt), checkpoint_config(cfg, fmt), shard_bytes)
-        write_tokenizer(out)
+        write_tokenizer(out, tokenizer)
         dirs[fmt.tiny.directory] = out
     (root / "recipe.yaml").write_text(recipe_text(spec, formats))
     dirs["recipe"] = root / "recipe.yaml"

@@ -150,6 +150,14 @@ class ModelSpec:
         the independent reference of the tests and the GPU oracle."""
         raise NotImplementedError
 
+    def reference_state(self, cfg: dict[str, Any], names: Any, weights: dict[str, Any]) -> dict[str, Any]:
+        """Entries of transformers' state dict (parameter ``names``) built from
+        ``weights`` (checkpoint member name -> [out, in] tensor): only those
+        whose members are all in ``weights`` (a partial update for
+        ``load_state_dict(strict=False)``). The default maps ``X.weight`` to
+        member ``X``; architectures with fused parameters override it."""
+        return {n: weights[n.removesuffix(".weight")] for n in names if n.removesuffix(".weight") in weights}
+
 
 # --- pieces every decoder-only table shares (vLLM's names) ------------------------------------------------------
 

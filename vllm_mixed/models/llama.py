@@ -75,7 +75,7 @@ class Llama(ModelSpec):
         )
         config._attn_implementation = "eager"
         model = model_cls(config).to(torch.float32).eval()
-        state = {name: weights[name.removesuffix(".weight")] for name in model.state_dict()}
+        state = self.reference_state(cfg, model.state_dict(), weights)
         model.load_state_dict(state, strict=True)
         return model
 

@@ -109,20 +109,28 @@ class Qwen3Moe(ModelSpec):
         )
         config._attn_implementation = "eager"
         model = Qwen3MoeForCausalLM(config).to(torch.float32).eval()
-        state = {}
-        for name in model.state_dict():
-            if name.endswith("mlp.experts.gate_up_proj"):  # transformers >= 5 fuses the experts
-                p = name.removesuffix(".gate_up_proj")
-                state[name] = torch.stack(
-                    [torch.cat([weights[f"{p}.{e}.gate_proj"], weights[f"{p}.{e}.up_proj"]]) for e in range(cfg["num_experts"])]
-                )  # fmt: skip
-            elif name.endswith("mlp.experts.down_proj"):
-                p = name.removesuffix(".down_proj")
-                state[name] = torch.stack([weights[f"{p}.{e}.down_proj"] for e in range(cfg["num_experts"])])
-            else:
-                state[name] = weights[name.removesuffix(".weight")]
+        state = self.reference_state(cfg, model.state_dict(), weights)
         model.load_state_dict(state, strict=True)
         return model
+
+    def reference_state(self, cfg: dict[str, Any], names: Any, weights: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        state, experts = {}, range(cfg["num_experts"])
+        for name in names:
+            if name.endswith("mlp.experts.gate_up_proj"):  # transformers >= 5 fuses the experts
+                p = name.removesuffix(".gate_up_proj")
+                if f"{p}.0.gate_proj" in weights:
+                    state[name] = torch.stack(
+                        [torch.cat([weights[f"{p}.{e}.gate_proj"], weights[f"{p}.{e}.up_proj"]]) for e in experts]
+                    )
+            elif name.endswith("mlp.experts.down_proj"):
+                p = name.removesuffix(".down_proj")
+                if f"{p}.0.down_proj" in weights:
+                    state[name] = torch.stack([weights[f"{p}.{e}.down_proj"] for e in experts])
+            elif name.removesuffix(".weight") in weights:
+                state[name] = weights[name.removesuffix(".weight")]
+        return state
 
 
 QWEN3_MOE = Qwen3Moe()
