@@ -11,8 +11,8 @@ from typing import Any
 from vllm_mixed.errors import MixedError
 
 __all__ = [
-    "Geometry", "Layer", "Member", "ModelSpec", "PARALLEL_STYLES", "attention_layers", "embedding_layer", "head_layers",
-    "hf_moe_state", "norm_layer", "positive",
+    "GATE_UP_DOWN", "Geometry", "Layer", "Member", "ModelSpec", "PARALLEL_STYLES", "attention_layers", "embedding_layer",
+    "head_layers", "hf_moe_state", "moe_layers", "norm_layer", "positive",
 ]  # fmt: skip
 
 # how vLLM shards a layer over tensor-parallel ranks (its layer class)
@@ -190,6 +190,23 @@ def attention_layers(attn: str, g: Geometry, qk_norm: bool, qkv_bias: bool = Fal
     if qk_norm:
         out += [norm_layer(f"{attn}.q_norm", head_dim), norm_layer(f"{attn}.k_norm", head_dim)]
     return out
+
+
+# the per-expert projections of Qwen-style MoE checkpoints, in their order (see moe_layers)
+GATE_UP_DOWN = (("gate_proj", "in"), ("up_proj", "in"), ("down_proj", "out"))
+
+
+def moe_layers(block: str, g: Geometry, projections: tuple[tuple[str, str], ...]) -> list[Layer]:
+    """A MoE block's router ``block.gate`` and routed experts
+    ``block.experts`` (members ``experts.E.<name>`` in the checkpoint's
+    order; ``projections``: (name, "in" for [inter, hidden] or "out" for
+    [hidden, inter]))."""
+    shapes = {"in": (g.inter, g.hidden), "out": (g.hidden, g.inter)}
+    experts = tuple(Member(f"{block}.experts.{e}.{n}", shapes[k]) for e in range(g.experts) for n, k in projections)
+    return [
+        Layer(f"{block}.gate", "router", "router", (Member(f"{block}.gate", (g.experts, g.hidden)),), "replicated"),
+        Layer(f"{block}.experts", "experts", "experts", experts, "experts"),
+    ]
 
 
 def head_layers(cfg: dict[str, Any], g: Geometry) -> list[Layer]:

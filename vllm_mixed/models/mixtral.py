@@ -14,12 +14,12 @@ from typing import Any
 from vllm_mixed.models.base import (
     Geometry,
     Layer,
-    Member,
     ModelSpec,
     attention_layers,
     embedding_layer,
     head_layers,
     hf_moe_state,
+    moe_layers,
     norm_layer,
     positive,
 )  # fmt: skip
@@ -56,23 +56,16 @@ class Mixtral(ModelSpec):
 
     def layers(self, cfg: dict[str, Any]) -> list[Layer]:
         g = self.geometry(cfg)
-        hidden, inter = g.hidden, g.inter
+        hidden = g.hidden
         layers = [embedding_layer(g)]
         for i in range(positive(cfg, "num_hidden_layers")):
             p = f"model.layers.{i}"
-            moe = f"{p}.block_sparse_moe"
-            experts = tuple(
-                Member(f"{moe}.experts.{e}.{w}", shape)
-                for e in range(g.experts)
-                for w, shape in (("w1", (inter, hidden)), ("w2", (hidden, inter)), ("w3", (inter, hidden)))
-            )  # fmt: skip
             layers += [
                 norm_layer(f"{p}.input_layernorm", hidden),
                 *attention_layers(f"{p}.self_attn", g, qk_norm=False),
                 norm_layer(f"{p}.post_attention_layernorm", hidden),
-                Layer(f"{moe}.gate", "router", "router", (Member(f"{moe}.gate", (g.experts, hidden)),), "replicated"),
-                Layer(f"{moe}.experts", "experts", "experts", experts, "experts"),
-            ]  # fmt: skip
+                *moe_layers(f"{p}.block_sparse_moe", g, (("w1", "in"), ("w2", "out"), ("w3", "in"))),
+            ]
         return layers + head_layers(cfg, g)
 
     def reference_model(self, cfg: dict[str, Any], weights: dict[str, Any]) -> Any:

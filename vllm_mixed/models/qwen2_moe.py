@@ -13,6 +13,7 @@ from typing import Any
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.models.base import (
+    GATE_UP_DOWN,
     Geometry,
     Layer,
     Member,
@@ -21,6 +22,7 @@ from vllm_mixed.models.base import (
     embedding_layer,
     head_layers,
     hf_moe_state,
+    moe_layers,
     norm_layer,
     positive,
 )  # fmt: skip
@@ -59,7 +61,7 @@ class Qwen2Moe(ModelSpec):
 
     def layers(self, cfg: dict[str, Any]) -> list[Layer]:
         g = self.geometry(cfg)
-        hidden, inter = g.hidden, g.inter
+        hidden = g.hidden
         shared = positive(cfg, "shared_expert_intermediate_size")
         if cfg.get("mlp_only_layers") or positive(cfg, "decoder_sparse_step", 1) != 1:
             raise MixedError(
@@ -72,22 +74,18 @@ class Qwen2Moe(ModelSpec):
         for i in range(positive(cfg, "num_hidden_layers")):
             p = f"model.layers.{i}"
             mlp, se = f"{p}.mlp", f"{p}.mlp.shared_expert"
-            experts = tuple(
-                Member(f"{mlp}.experts.{e}.{proj}", shape)
-                for e in range(g.experts)
-                for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter)))
-            )  # fmt: skip
+            router, experts = moe_layers(mlp, g, GATE_UP_DOWN)
             gate_up = (Member(f"{se}.gate_proj", (shared, hidden)), Member(f"{se}.up_proj", (shared, hidden)))
             layers += [
                 norm_layer(f"{p}.input_layernorm", hidden),
                 *attention_layers(f"{p}.self_attn", g, qk_norm=False, qkv_bias=True),
                 norm_layer(f"{p}.post_attention_layernorm", hidden),
-                Layer(f"{mlp}.gate", "router", "router", (Member(f"{mlp}.gate", (g.experts, hidden)),), "replicated"),
+                router,
                 Layer(f"{mlp}.shared_expert_gate", "router", "router",
                       (Member(f"{mlp}.shared_expert_gate", (1, hidden)),), "replicated"),
                 Layer(f"{se}.gate_up_proj", "linear", "shared_expert", gate_up, "column"),
                 Layer(f"{se}.down_proj", "linear", "shared_expert", (Member(f"{se}.down_proj", (hidden, shared)),), "row"),
-                Layer(f"{mlp}.experts", "experts", "experts", experts, "experts"),
+                experts,
             ]  # fmt: skip
         return layers + head_layers(cfg, g)
 

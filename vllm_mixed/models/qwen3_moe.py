@@ -8,13 +8,14 @@ from typing import Any
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.models.base import (
+    GATE_UP_DOWN,
     Geometry,
     Layer,
-    Member,
     ModelSpec,
     attention_layers,
     embedding_layer,
     head_layers,
+    moe_layers,
     norm_layer,
     positive,
 )  # fmt: skip
@@ -77,7 +78,7 @@ class Qwen3Moe(ModelSpec):
 
     def layers(self, cfg: dict[str, Any]) -> list[Layer]:
         g = self.geometry(cfg)
-        hidden, inter = g.hidden, g.inter
+        hidden = g.hidden
         if cfg.get("mlp_only_layers") or positive(cfg, "decoder_sparse_step", 1) != 1:
             raise MixedError(
                 "Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not supported yet; "
@@ -86,18 +87,12 @@ class Qwen3Moe(ModelSpec):
         layers = [embedding_layer(g)]
         for i in range(positive(cfg, "num_hidden_layers")):
             p = f"model.layers.{i}"
-            experts = tuple(
-                Member(f"{p}.mlp.experts.{e}.{proj}", shape)
-                for e in range(g.experts)
-                for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter)))
-            )  # fmt: skip
             layers += [
                 norm_layer(f"{p}.input_layernorm", hidden),
                 *attention_layers(f"{p}.self_attn", g, qk_norm=True),
                 norm_layer(f"{p}.post_attention_layernorm", hidden),
-                Layer(f"{p}.mlp.gate", "router", "router", (Member(f"{p}.mlp.gate", (g.experts, hidden)),), "replicated"),
-                Layer(f"{p}.mlp.experts", "experts", "experts", experts, "experts"),
-            ]  # fmt: skip
+                *moe_layers(f"{p}.mlp", g, GATE_UP_DOWN),
+            ]
         return layers + head_layers(cfg, g)
 
     def reference_model(self, cfg: dict[str, Any], weights: dict[str, Any]) -> Any:
