@@ -4,6 +4,7 @@ JSON: greedy continuations, teacher-forced prompt logprobs and load timings.
 Usage: python vllm_runner.py MODEL_DIR LOAD_FORMAT REQUEST.json OUT.json
 REQUEST = {"greedy": [[ids...], ...], "teacher": [[ids...], ...], "max_tokens": N, "text": ["..."],
            "tp": tensor_parallel_size (default 1), "greedy_logprobs": top-k per greedy step (default none)}
+At TP 1 the engine runs in this one process (VLLM_MIXED_TEST_MULTIPROC=1: vLLM's default processes).
 """
 
 import json
@@ -14,6 +15,12 @@ import time
 if __name__ == "__main__":
     model, load_format, request_path, out_path = sys.argv[1:5]
     req = json.load(open(request_path))
+    tp = req.get("tp", 1)
+    # At TP 1 the whole engine runs in this process (as `vllm-mixed eval` does): vLLM's default starts an
+    # engine-core process and a worker process, and each imports vLLM again (~9 s each on 2 cores)
+    in_process = tp == 1 and os.environ.get("VLLM_MIXED_TEST_MULTIPROC") != "1"
+    if in_process:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -27,7 +34,8 @@ if __name__ == "__main__":
         gpu_memory_utilization=0.3,
         max_num_seqs=8,
         seed=0,
-        tensor_parallel_size=req.get("tp", 1),
+        tensor_parallel_size=tp,
+        **({"distributed_executor_backend": "uni"} if in_process else {}),
     )
     init_s = time.perf_counter() - t0
     greedy = SamplingParams(
