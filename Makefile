@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vllm-mixed compose $(DEMO)/recipes/bf16.yaml -o $(DEMO)/bf16-only
 	$(VENV)/bin/vllm-mixed compose $(DEMO)/recipe.yaml -o $(DEMO)/mix
 	for m in bf16-only mix; do echo "== $$m"; VLLM_CPU_KVCACHE_SPACE=1 $(VENV)/bin/vllm-mixed generate $(DEMO)/$$m \
-	  --prompt '$(DEMO_PROMPT)' --max-tokens 40 2>&1 | grep -v -E "^(\(\w+ pid=[0-9]+\) )?(INFO|WARNING|DEBUG)"; done
+	  --prompt '$(DEMO_PROMPT)' --max-tokens 40 2>&1 | grep -v -E "^(\([A-Za-z0-9_-]+ pid=[0-9]+\) )?(INFO|WARNING|DEBUG)|^\[W[0-9]|FutureWarning|^  (if hasattr|wrapper = lookup)|^Triton is installed"; done
 
 # property-based fuzzing of the recipe and safetensors-header parsers, 10,000 examples each
 fuzz: $(STAMP)
