@@ -100,6 +100,17 @@ def run_vllm(model: Path, load_format: str, request: dict, workdir: Path, env: d
     return result
 
 
+def max_gap(a: dict, b: dict) -> tuple[float, bool]:
+    """Two runs' teacher-forced logprobs: the largest |logprob difference|
+    over the tokens both returned, and whether every position's top-1 agrees."""
+    gap, same_top1 = 0.0, True
+    for seq_a, seq_b in zip(a["teacher"], b["teacher"], strict=True):
+        for pa, pb in zip(seq_a, seq_b, strict=True):
+            gap = max([gap, *(abs(pa[t][0] - pb[t][0]) for t in set(pa) & set(pb))])
+            same_top1 &= min(pa, key=lambda t: pa[t][1]) == min(pb, key=lambda t: pb[t][1])
+    return gap, same_top1
+
+
 class Server(NamedTuple):
     base: str  # http://127.0.0.1:PORT
     model: str  # the served model id: the composed directory

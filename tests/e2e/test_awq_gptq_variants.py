@@ -21,7 +21,7 @@ import random
 import pytest
 import yaml
 
-from tests.e2e.conftest import run_vllm
+from tests.e2e.conftest import max_gap, run_vllm
 from vllm_mixed.compose import compose
 from vllm_mixed.cpu_kernels import cpu_fallback_reason
 from vllm_mixed.formats import UNQUANTIZED
@@ -44,15 +44,6 @@ def recipe(root, tmp_path, name, sources, default, rules=()):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body))
     return build_plan(load_recipe(path))
-
-
-def max_gap(a, b):
-    gap, same_top1 = 0.0, True
-    for seq_a, seq_b in zip(a["teacher"], b["teacher"], strict=True):
-        for pa, pb in zip(seq_a, seq_b, strict=True):
-            gap = max([gap, *(abs(pa[t][0] - pb[t][0]) for t in set(pa) & set(pb))])
-            same_top1 &= min(pa, key=lambda t: pa[t][1]) == min(pb, key=lambda t: pb[t][1])
-    return gap, same_top1
 
 
 def test_pure_awq_llama_equals_stock_vllm(tmp_path):

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import yaml
 
-from tests.e2e.conftest import run_vllm, write_recipe
+from tests.e2e.conftest import max_gap, run_vllm, write_recipe
 from vllm_mixed.checkpoint_writer import write_checkpoint
 from vllm_mixed.compose import compose
 from vllm_mixed.cpu_kernels import FALLBACK_ENV, cpu_fallback_reason, cpu_resident_bytes
@@ -41,17 +41,6 @@ def recipe(tiny_dirs, tmp_path, name, default, rules):
     out = tmp_path / f"{name}.yaml"
     out.write_text(yaml.safe_dump(data))
     return out
-
-
-def max_gap(a, b):
-    """Largest |logprob difference| over the tokens both runs returned, and
-    whether every position's top-1 agrees."""
-    gap, same_top1 = 0.0, True
-    for seq_a, seq_b in zip(a["teacher"], b["teacher"], strict=True):
-        for pa, pb in zip(seq_a, seq_b, strict=True):
-            gap = max([gap, *(abs(pa[t][0] - pb[t][0]) for t in set(pa) & set(pb))])
-            same_top1 &= min(pa, key=lambda t: pa[t][1]) == min(pb, key=lambda t: pb[t][1])
-    return gap, same_top1
 
 
 def assert_resident_as_planned(log, plan):
