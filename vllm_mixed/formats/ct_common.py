@@ -200,10 +200,11 @@ def _targeted(name: str, targets: tuple[str, ...]) -> bool:
     return any(t == "Linear" or matches(name, t) for t in targets)
 
 
-def layer_converted(quant_config: dict[str, Any] | None, layer: Layer) -> bool:
+def layer_converted(quant_config: dict[str, Any] | None, layer: Layer, where: str) -> bool:
     """Whether a quantizable layer is quantized in this checkpoint: its
     members targeted by the config groups and not ignored, all alike (vLLM
-    runs a fused layer as one GEMM: its own check raises on a split)."""
+    runs a fused layer as one GEMM: its own check raises on a split; the
+    error starts with ``where``)."""
     groups, problem = _groups(quant_config or {})
     if problem or not groups:
         return False
@@ -218,7 +219,7 @@ def layer_converted(quant_config: dict[str, Any] | None, layer: Layer) -> bool:
     yes = [n for n, q in zip(names, quantized, strict=True) if q][:3]
     no = [n for n, q in zip(names, quantized, strict=True) if not q][:3]
     raise MixedError(
-        f"compressed-tensors source: fused layer {layer.name!r} is partly quantized (quantized: {', '.join(yes)}; "
+        f"{where}: compressed-tensors source: fused layer {layer.name!r} is partly quantized (quantized: {', '.join(yes)}; "
         f"ignored or untargeted: {', '.join(no)}); vLLM runs it as one GEMM with one scheme. Fix the checkpoint's "
         "ignore/targets, or route the layer to another source"
     )

@@ -121,10 +121,7 @@ class CtFp8(Format):
             raise MixedError(f"{where}: unsupported compressed-tensors FP8 checkpoint: " + "; ".join(problems))
 
     def converts(self, quant_config: dict[str, Any] | None, layer: Layer, where: str) -> bool:
-        try:
-            return ct.layer_converted(quant_config, layer)
-        except MixedError as exc:
-            raise MixedError(f"{where}: {exc}") from None
+        return ct.layer_converted(quant_config, layer, where)
 
     # --- tensors -------------------------------------------------------------------------------------------------
     def precision(self, quant_config: dict[str, Any] | None, dtype: str = "bfloat16") -> str:
