@@ -43,13 +43,18 @@ MAX_TOKENS = 32
 
 
 def child(model: str, load_format: str, out: str, tp: str = "1", moe_backend: str = "auto") -> None:
+    import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # on a CPU (a dry run of this script before device time is spent): vLLM's CPU defaults
+    # on the GPU a fixed KV cache skips vLLM's memory profiling, so several oracle scripts can share the card
+    device = {"attention_backend": "TRITON_ATTN", "gpu_memory_utilization": 0.08, "kv_cache_memory_bytes": 2**28}
+    device = {**device, "skip_tokenizer_init": True} if torch.cuda.is_available() else {}  # 0.32 needs it on CPU
     t0 = time.perf_counter()
-    llm = LLM(model=model, load_format=load_format, dtype="bfloat16", enforce_eager=True, attention_backend="TRITON_ATTN",
-              max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.08, seed=0, skip_tokenizer_init=True,
-              tensor_parallel_size=int(tp), moe_backend=moe_backend)  # fmt: skip
+    llm = LLM(model=model, load_format=load_format, dtype="bfloat16", enforce_eager=True, max_model_len=512,
+              max_num_seqs=8, seed=0, tensor_parallel_size=int(tp),
+              moe_backend=moe_backend, **device)  # fmt: skip
     init = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], sp, use_tqdm=False)
@@ -97,6 +102,8 @@ def plugin_backend(format_name: str) -> str:
     from vllm_mixed.formats import get_format
     from vllm_mixed.vllm_compat import moe_backend_available
 
+    if not torch.cuda.is_available():
+        return "auto"
     major, minor = torch.cuda.get_device_capability()
     name = get_format(format_name).moe_kernels.get(10 * major + minor)
     return name if name and moe_backend_available(name) else "auto"
@@ -330,13 +337,6 @@ def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict,
               f"{r['max_teacher_logprob_diff']:.4f}                    {r['top1_vs_fp32_ref']:.3f}")  # fmt: skip
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:7])
-    else:
-        main()
-
-
 VARIANT_SOURCES = {"bf16": "bf16", "awq": "awq", "int4a": "gptq-int4-actorder", "int8": "gptq-int8"}
 VARIANT_RECIPES = {
     "all-awq": ("awq", []),
@@ -406,3 +406,10 @@ def variants_check(final: Path, work: Path) -> None:
             print(f"  {row['recipe']}: {m}")
     for name, r in results.items():
         print(f"  {name}: {'ok' if r['ok'] else 'FAILED'}; {'; '.join(r.get('kernels', [])[:4])}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(*sys.argv[2:7])
+    else:
+        main()

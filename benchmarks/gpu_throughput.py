@@ -96,6 +96,11 @@ VARIANTS = {
     "marlin": (["--moe-backend", "marlin"], {}),
     "wna16": (["--quantization", "moe_wna16"], {}),
     "deepgemm": ([], {"VLLM_USE_DEEP_GEMM": "1"}),
+    # Humming's two MoE GEMM forms and its FP8-activation mode (env only: on whichever rows run Humming,
+    # the plugin's own choice for int4 experts on Hopper)
+    "grouped": ([], {"VLLM_HUMMING_MOE_GEMM_TYPE": "grouped"}),
+    "indexed": ([], {"VLLM_HUMMING_MOE_GEMM_TYPE": "indexed"}),
+    "a8": ([], {"VLLM_HUMMING_INPUT_QUANT_CONFIG": '{"input_dtype": "float8e4m3"}'}),
 }
 VOCAB = CONFIG["vocab_size"]
 

@@ -261,3 +261,19 @@ def test_file_ending_during_a_read(
     assert str(failed.value).startswith(f"{b}: truncated: tensor {order[5].name!r} ends at byte {order[5].end}")
     assert f"but the file ends at byte {cut}" in str(failed.value)
     assert_released(read_tensors)
+
+
+def test_completeness_check_allows_only_vllms_unread_index_buffers() -> None:
+    """After ``load_weights`` every parameter must have been loaded, except
+    the index buffers vLLM registers and fills itself when a checkpoint has
+    no act-order (vLLM 0.26's compressed-tensors WNA16 MoE methods register
+    ``w13_weight_g_idx`` / ``w2_weight_g_idx`` on every W4A16 expert layer):
+    those are allowed missing, a missing weight is a clear error."""
+    experts = torch.nn.Module()
+    for name in ("w13_weight_packed", "w2_weight_packed", "w13_weight_g_idx", "w2_weight_g_idx"):
+        experts.register_parameter(name, torch.nn.Parameter(torch.zeros(2, 4, dtype=torch.int32), requires_grad=False))
+    model = torch.nn.Module()
+    model.add_module("experts", experts)
+    loader.MixedModelLoader._check_complete(model, {"experts.w13_weight_packed", "experts.w2_weight_packed"})
+    with pytest.raises(MixedError, match=r"1 model parameters were not loaded: experts\.w2_weight_packed"):
+        loader.MixedModelLoader._check_complete(model, {"experts.w13_weight_packed"})

@@ -26,10 +26,13 @@ KERNEL_RULES_RELEASE = "0.26"
 
 # Parameters a vLLM method may register that a checkpoint need not provide:
 # GPTQ-MoE's zero-initialised biases (>= 0.27) and the act-order index buffers
-# that 0.26 fills itself when desc_act is false.
+# that 0.26 fills itself when desc_act is false (GPTQ-MoE: ``w13_g_idx``;
+# compressed-tensors WNA16 MoE, plain and Marlin: ``w13_weight_g_idx``, which
+# 0.26 registers for every W4A16 expert layer and reads only with actorder
+# "group"; found by benchmarks/gpu_oracle_ct.py on the H200).
 OPTIONAL_UNLOADED_PARAMS = (
     "w13_bias", "w2_bias", "g_idx", "g_idx_sort_indices", "w13_g_idx", "w2_g_idx",
-    "w13_g_idx_sort_indices", "w2_g_idx_sort_indices",
+    "w13_g_idx_sort_indices", "w2_g_idx_sort_indices", "w13_weight_g_idx", "w2_weight_g_idx",
 )  # fmt: skip
 
 
