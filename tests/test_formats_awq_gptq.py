@@ -16,7 +16,12 @@ from vllm_mixed.cli import main
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import detect_format
 from vllm_mixed.formats.awq import AWQ, AWQ_QUANT_CONFIG, awq_pack, awq_unpack
-from vllm_mixed.formats.gptq_int4 import GPTQ_ACT_ORDER_QUANT_CONFIG, GPTQ_INT4, GPTQ_QUANT_CONFIG
+from vllm_mixed.formats.gptq_int4 import (
+    GPTQ_ACT_ORDER_QUANT_CONFIG,
+    GPTQ_CHANNELWISE_QUANT_CONFIG,
+    GPTQ_INT4,
+    GPTQ_QUANT_CONFIG,
+)
 from vllm_mixed.formats.gptq_int8 import GPTQ_INT8, GPTQ_INT8_QUANT_CONFIG
 from vllm_mixed.parallel import FAILS, OK, LinearShard
 
@@ -140,6 +145,30 @@ def test_act_order_g_idx_is_a_real_permutation_and_decodes() -> None:
     assert bool(((ref - w.double()).abs() <= step / 2 + 1e-12).all())
     # members of one fused layer (same input) share the order, as GPTQ's Hessian order does
     assert torch.equal(GPTQ_INT4.quantize(weight(8, 128, 4), qc)["g_idx"], t["g_idx"])
+
+
+def test_channelwise_act_order_gptq_decodes_by_hand() -> None:
+    """TheBloke's ``group_size: -1, desc_act: true``: one scale and zero point
+    per output channel, g_idx all zero (one group has no column order), the
+    per-element decode equal to the format's; within half a step of the
+    weights; the plan's shapes say the same."""
+    qc = GPTQ_CHANNELWISE_QUANT_CONFIG
+    w = weight(16, 128, 6)
+    t = GPTQ_INT4.quantize(w, qc)
+    assert t["scales"].shape == (1, 16) and t["qzeros"].shape == (1, 2)
+    assert not bool(t["g_idx"].any())
+    ref = by_hand_gptq(t, 4)
+    assert torch.equal(GPTQ_INT4.dequantize(t, qc), ref)
+    assert torch.equal(GPTQ_INT4.dequantize({k: v for k, v in t.items() if k != "g_idx"}, qc), ref)
+    assert bool(((ref - w.double()).abs() <= t["scales"].to(torch.float64).t() / 2 + 1e-12).all())
+    specs = GPTQ_INT4.specs(16, 128, qc)
+    assert {k: v.shape for k, v in specs.items()} == {k: tuple(v.shape) for k, v in t.items()}
+    assert specs["g_idx"].optional  # vLLM reads it as desc_act false
+    assert GPTQ_INT4.precision(qc) == "int4-channel"
+    stacked = {
+        s: torch.stack([t[s], GPTQ_INT4.quantize(weight(16, 128, 7), qc)[s]]) for s in ("qweight", "qzeros", "scales")
+    }
+    assert torch.equal(GPTQ_INT4.dequantize_experts(stacked, qc, torch.float32)[0], ref.to(torch.float32))
 
 
 def test_gptq_int8_word_by_hand_and_vllms_packing() -> None:

@@ -142,11 +142,18 @@ def test_mixtral_8x7b_gptq_experts_bf16_rest(tmp_path):
 
 
 def test_mixtral_8x7b_published_gptq(tmp_path):
+    """TheBloke's main-branch Mixtral GPTQ (4-bit, act-order, group_size -1: channelwise, one scale and zero
+    point per output channel) as the experts' source, the rest BF16."""
+    from vllm_mixed.testing.published import published_config
+
     sources = _sources(tmp_path, "mixtral-8x7b-instruct-v0.1",
                        {"bf16": None, "int4": "TheBloke/Mixtral-8x7B-Instruct-v0.1-GPTQ"})  # fmt: skip
     plan = _plan(tmp_path, sources, "bf16", "bf16",
                  [{"targets": ["model.layers.*.block_sparse_moe.experts"], "source": "int4"}])  # fmt: skip
-    assert {p.format for p in plan.layers if p.layer.kind == "experts"} != {"unquantized"}
+    assert {p.precision for p in plan.layers if p.layer.kind == "experts"} == {"int4-channel"}
+    groups, rest = _linears(published_config("mixtral-8x7b-instruct-v0.1"))
+    channelwise = sum(k * n // 2 + n // 8 * 4 + n * 2 + k * 4 for n, k in groups["mlp"])  # + g_idx, as published
+    assert plan.total_bytes == _float(groups["attention"]) + 2 * rest + channelwise
 
 
 def test_qwen3_235b_a22b_gptq_experts_fp8_rest(tmp_path):

@@ -75,7 +75,7 @@ def test_detect_format_accepts(qc: dict[str, Any] | None, expected: str) -> None
             {**GPTQ_QUANT_CONFIG, "checkpoint_format": "gptq_v2"},
             "checkpoint_format='gptq_v2' (only the v1 'gptq' layout)",
         ),
-        ({**GPTQ_QUANT_CONFIG, "group_size": -1}, "group_size=-1 (needs a positive group size such as 128)"),
+        ({**GPTQ_QUANT_CONFIG, "group_size": 0}, "group_size=0 (needs a positive group size such as 128, or -1"),
         ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "version='gemv' (only AutoAWQ's 'gemm' packing"),
         ({"quant_method": "compressed-tensors"}, "unsupported compressed-tensors checkpoint: it has no config_groups"),
         (

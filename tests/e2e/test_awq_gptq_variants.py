@@ -1,5 +1,5 @@
-"""AWQ, act-order GPTQ and 8-bit GPTQ sources through the plugin on vLLM's
-CPU build (three vLLM runs):
+"""AWQ, act-order GPTQ, channelwise GPTQ and 8-bit GPTQ sources through the
+plugin on vLLM's CPU build (six vLLM runs):
 
 - the pure AWQ recipe of the tiny Llama against stock vLLM on the AWQ
   checkpoint: both run vLLM's AutoAWQMarlinLinearMethod on the CPU int4 GEMM
@@ -12,7 +12,12 @@ CPU build (three vLLM runs):
   the dequantized weights. vLLM's CPU build has no kernel for any of the
   three here (AWQ experts need AMX, act-order is refused by vLLM >= 0.27,
   CPUWNA16 is 4-bit only): all run on the dequantizing fallback, whose
-  act-order linears load their ``g_idx``."""
+  act-order linears load their ``g_idx``;
+- channelwise act-order GPTQ (``group_size: -1, desc_act: true``, as
+  TheBloke's main-branch Mixtral checkpoint declares it): the pure recipe of
+  the tiny Llama against stock vLLM (both on the CPU int4 GEMM, which vLLM
+  runs as desc_act false: one group has no column order), and the tiny
+  Mixtral's experts from it against the float reference (fallback)."""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from vllm_mixed.compose import compose
 from vllm_mixed.cpu_kernels import cpu_fallback_reason
 from vllm_mixed.formats import UNQUANTIZED
 from vllm_mixed.formats.awq import AWQ, AWQ_QUANT_CONFIG
-from vllm_mixed.formats.gptq_int4 import act_order_tiny
+from vllm_mixed.formats.gptq_int4 import act_order_tiny, channelwise_tiny
 from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
@@ -82,6 +87,38 @@ def test_awq_actorder_int8_mix_matches_reference(tmp_path):
     assert "experts <- source 'awq' (awq) via DequantFallbackMoEMethod" in log
     assert "qkv_proj <- source 'int4a' (gptq_int4) via DequantFallbackLinearMethod" in log
     assert "o_proj <- source 'int8' (gptq_int8) via DequantFallbackLinearMethod" in log
+    model = hf_model(plan)
+    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
+    top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
+    assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, stats
+
+
+def test_pure_channelwise_gptq_llama_equals_stock_vllm(tmp_path):
+    fmt = channelwise_tiny()
+    if why := cpu_fallback_reason("gptq_int4", "linear", fmt.tiny.quant_config):
+        pytest.skip(f"stock vLLM has no CPU int4 GEMM for channelwise GPTQ here: {why}")
+    root = tmp_path / "llama"
+    make_tiny(root, arch="llama", formats=(UNQUANTIZED, fmt))
+    plan = recipe(root, tmp_path, "all-int4c", {"bf16": "bf16", "int4c": "gptq-int4-channel"}, "int4c")
+    assert {p.precision for p in plan.layers if p.layer.kind == "linear"} == {"int4-channel"}
+    mixed = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    stock = run_vllm(root / "gptq-int4-channel", "auto", REQUEST, tmp_path / "stock")
+    assert "qkv_proj <- source 'int4c' (gptq_int4) via AutoGPTQLinearMethod" in mixed["log"]
+    for result in (mixed, stock):
+        assert "Using CPUWNA16LinearKernel for AutoGPTQLinearMethod" in result["log"]
+    gap, same_top1 = max_gap(mixed, stock)
+    assert same_top1 and gap <= 1e-5, gap
+    assert mixed["greedy"] == stock["greedy"]
+
+
+def test_mixtral_channelwise_gptq_experts_match_reference(tmp_path):
+    root = tmp_path / "mixtral"
+    make_tiny(root, arch="mixtral", formats=(UNQUANTIZED, channelwise_tiny()))
+    rules = [{"targets": ["model.layers.*.block_sparse_moe.experts"], "source": "int4c"}]
+    plan = recipe(root, tmp_path, "mix", {"bf16": "bf16", "int4c": "gptq-int4-channel"}, "bf16", rules)
+    assert {p.precision for p in plan.layers if p.layer.kind == "experts"} == {"int4-channel"}
+    result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    assert "experts <- source 'int4c' (gptq_int4) via" in result["log"]
     model = hf_model(plan)
     stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
     top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)

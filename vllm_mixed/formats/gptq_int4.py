@@ -63,7 +63,14 @@ def unpack_int4(words: torch.Tensor, dim: int, dtype: torch.dtype = torch.int64)
 
 
 def group_size(quant_config: dict[str, Any] | None) -> int:
+    """The config's group size; -1: channelwise (one group spanning the input)."""
     return int((quant_config or {}).get("group_size", 128))
+
+
+def group_length(quant_config: dict[str, Any] | None, k: int) -> int:
+    """Input columns per group of a linear with ``k`` inputs (channelwise: ``k``)."""
+    g = group_size(quant_config)
+    return k if g == -1 else g
 
 
 def act_order(quant_config: dict[str, Any] | None) -> bool:
@@ -102,16 +109,20 @@ class GptqInt4(Format):
             problems.append(f"bits={quant_config.get('bits')!r} (4 and 8 are supported: vLLM's GPTQ kernels)")
         if quant_config.get("checkpoint_format", "gptq") != "gptq":
             problems.append(f"checkpoint_format={quant_config.get('checkpoint_format')!r} (only the v1 'gptq' layout)")
-        if not isinstance(quant_config.get("group_size"), int) or quant_config["group_size"] <= 0:
-            problems.append(f"group_size={quant_config.get('group_size')!r} (needs a positive group size such as 128)")
+        g = quant_config.get("group_size")
+        if not isinstance(g, int) or isinstance(g, bool) or (g <= 0 and g != -1):
+            problems.append(f"group_size={g!r} (needs a positive group size such as 128, or -1: channelwise)")
         if problems:
             raise MixedError(f"{where}: unsupported GPTQ checkpoint: " + "; ".join(problems))
 
     def precision(self, quant_config: dict[str, Any] | None, dtype: str = "bfloat16") -> str:
-        return f"int{self.bits}-g{group_size(quant_config)}" + ("-actorder" if act_order(quant_config) else "")
+        g = group_size(quant_config)
+        return (
+            f"int{self.bits}-" + ("channel" if g == -1 else f"g{g}") + ("-actorder" if act_order(quant_config) else "")
+        )
 
     def specs(self, out_features: int, in_features: int, quant_config: dict[str, Any] | None) -> dict[str, TensorSpec]:
-        g, p = group_size(quant_config), self.per_word
+        g, p = group_length(quant_config, in_features), self.per_word
         k, n = in_features, out_features
         return {
             "qweight": TensorSpec(("I32",), (k // p, n)),
@@ -137,10 +148,11 @@ class GptqInt4(Format):
         config says ``sym: false``; with ``desc_act: true`` the groups follow
         :func:`act_order_g_idx`. Scales are rounded to fp16 first so the stored
         tensors dequantize exactly to what the reference computes."""
-        g, bits, p = group_size(quant_config), self.bits, self.per_word
+        bits, p = self.bits, self.per_word
         maxq = 2**bits - 1
         sym = (quant_config or {}).get("sym", True)
         n, k = weight.shape
+        g = group_length(quant_config, k)
         if k % g or k % p or n % p:
             raise ValueError(f"GPTQ needs in_features % {g} == 0 and dims % {p} == 0, got [{n}, {k}]")
         g_idx = act_order_g_idx(k, g) if act_order(quant_config) else (torch.arange(k) // g).to(torch.int32)
@@ -175,7 +187,7 @@ class GptqInt4(Format):
         zeros = unpack_bits(tensors["qzeros"], 1, self.bits) + 1  # [G, N]
         g_idx = tensors.get("g_idx")
         if g_idx is None:
-            g_idx = torch.arange(k, device=q.device) // group_size(quant_config)
+            g_idx = torch.arange(k, device=q.device) // group_length(quant_config, k)
         g_idx = g_idx.to(torch.int64)
         if g_idx.numel() and int(g_idx.min()) < 0:
             raise MixedError("an act-order GPTQ layer's g_idx was not loaded (still -1); report this with the recipe")
@@ -317,7 +329,8 @@ class GptqInt4(Format):
 
     # --- export --------------------------------------------------------------------------------------------------
     def export_scheme(self, quant_config: dict[str, Any], where: str) -> ExportScheme:
-        """``pack-quantized`` W4A16 / W8A16, group strategy, the source's group size."""
+        """``pack-quantized`` W4A16 / W8A16: group strategy with the source's
+        group size, channel strategy for a channelwise source."""
         from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
 
         if not quant_config.get("sym", True):
@@ -331,9 +344,11 @@ class GptqInt4(Format):
                 f"{where}: GPTQ with desc_act: true is not exported; pack-quantized here has no column permutation "
                 "(act-order g_idx). Route these layers to a desc_act: false checkpoint, or to the bf16/fp8 source"
             )
+        g = group_size(quant_config)
+        strategy = QuantizationStrategy.CHANNEL if g == -1 else QuantizationStrategy.GROUP
         weights = QuantizationArgs(
-            num_bits=self.bits, type=QuantizationType.INT, strategy=QuantizationStrategy.GROUP,
-            group_size=group_size(quant_config), symmetric=True, dynamic=False,
+            num_bits=self.bits, type=QuantizationType.INT, strategy=strategy,
+            group_size=None if g == -1 else g, symmetric=True, dynamic=False,
         )  # fmt: skip
         return ExportScheme(self.name, weights)
 
@@ -353,7 +368,8 @@ class GptqInt4(Format):
                 f"{2 ** (self.bits - 1)}), although the checkpoint declares sym: true; it is asymmetric or damaged: fix "
                 "its config.json, or route the layer to another source"
             )
-        k, group = qweight.shape[0] * self.per_word, scheme.weights.group_size
+        k = qweight.shape[0] * self.per_word
+        group = scheme.weights.group_size or k  # channel strategy: one group
         if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // group):
             raise MixedError(
                 f"{where}: tensor {name}.g_idx is not arange(in) // {group} (act-order GPTQ); pack-quantized has no "
@@ -377,4 +393,18 @@ def act_order_tiny() -> GptqInt4:
     format, another published config (for tests and the GPU oracle)."""
     fmt = GptqInt4()
     fmt.tiny = TinyLayout("gptq-int4-actorder", GPTQ_ACT_ORDER_QUANT_CONFIG, "float16", "int4a")
+    return fmt
+
+
+# channelwise act-order, as TheBloke's main-branch GPTQ checkpoints declare it (Mixtral-8x7B-Instruct:
+# group_size -1, desc_act true); with one group per output channel the column order changes nothing,
+# and vLLM reads it as desc_act false (AutoGPTQConfig / gptq_utils)
+GPTQ_CHANNELWISE_QUANT_CONFIG: dict[str, Any] = {**GPTQ_QUANT_CONFIG, "group_size": -1, "desc_act": True}
+
+
+def channelwise_tiny() -> GptqInt4:
+    """The 4-bit format with a tiny layout of a channelwise act-order
+    checkpoint (``DIR/gptq-int4-channel``, source ``int4c``)."""
+    fmt = GptqInt4()
+    fmt.tiny = TinyLayout("gptq-int4-channel", GPTQ_CHANNELWISE_QUANT_CONFIG, "float16", "int4c")
     return fmt
