@@ -42,7 +42,7 @@ TEACHER = [[_rng.randrange(3, 1000) for _ in range(40)] for _ in range(3)]
 MAX_TOKENS = 32
 
 
-def child(model: str, load_format: str, out: str, tp: str = "1", moe_backend: str = "auto") -> None:
+def child(model: str, load_format: str, out: str, tp: str = "1", moe_backend: str = "auto", ep: str = "0") -> None:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -54,7 +54,7 @@ def child(model: str, load_format: str, out: str, tp: str = "1", moe_backend: st
     t0 = time.perf_counter()
     llm = LLM(model=model, load_format=load_format, dtype="bfloat16", enforce_eager=True, max_model_len=512,
               max_num_seqs=8, seed=0, tensor_parallel_size=int(tp),
-              moe_backend=moe_backend, **device)  # fmt: skip
+              moe_backend=moe_backend, enable_expert_parallel=ep == "1", **device)  # fmt: skip
     init = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], sp, use_tqdm=False)
@@ -72,11 +72,23 @@ def child(model: str, load_format: str, out: str, tp: str = "1", moe_backend: st
     os._exit(0)
 
 
-def run(name: str, model: Path, load_format: str, out_dir: Path, tp: int = 1, moe_backend: str = "auto") -> dict:
+def run(
+    name: str, model: Path, load_format: str, out_dir: Path, tp: int = 1, moe_backend: str = "auto", ep: bool = False
+) -> dict:
     out = out_dir / f"{name}.json"
     log = out_dir / f"{name}.log"
     t0 = time.perf_counter()
-    argv = [sys.executable, __file__, "--child", str(model), load_format, str(out), str(tp), moe_backend]
+    argv = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(model),
+        load_format,
+        str(out),
+        str(tp),
+        moe_backend,
+        "1" if ep else "0",
+    ]
     rc = run_isolated(argv, log, 400)
     rc = "timeout" if rc is None else rc
     text = log.read_text()
@@ -151,6 +163,7 @@ def main() -> None:
                     help="the MoE-backend choice check instead: the plugin's per-format choice, a recipe override and "
                     "the user's --moe-backend, each against stock vLLM on the same backend")  # fmt: skip
     ap.add_argument("--tp", type=int, default=1, help="N > 1: the tensor-parallel check instead (mix at TP 1 vs N)")
+    ap.add_argument("--ep", action="store_true", help="with --tp N: expert parallelism on every TP N engine")
     ap.add_argument("--tp-recipes", default="tp1,mix,mix-export,all-int4",
                     help="recipes run at TP N and their stock oracles; tp1: the mix at TP 1 too; mix-export: the "
                     "mix exported to compressed-tensors and served by stock vLLM")  # fmt: skip
@@ -181,7 +194,7 @@ def main() -> None:
     if args.kernels:
         return kernel_check(work, composed, plans, out_dir, final)
     if args.tp > 1:
-        return tp_check(args.tp, args.tp_recipes.split(","), work, composed, plans, out_dir, final)
+        return tp_check(args.tp, args.tp_recipes.split(","), work, composed, plans, out_dir, final, args.ep)
     results = {
         "stock-bf16": run("stock-bf16", work / "tiny/bf16", "auto", out_dir),
         "stock-fp8": run("stock-fp8", work / "tiny/fp8", "auto", out_dir),
@@ -289,10 +302,13 @@ def kernel_check(work: Path, composed: dict, plans: dict, out_dir: Path, final: 
             print(f"    plugin: {c}")
 
 
-def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict, out_dir: Path, final: Path) -> None:
+def tp_check(
+    tp: int, names: list[str], work: Path, composed: dict, plans: dict, out_dir: Path, final: Path, ep: bool = False
+) -> None:
     """vLLM's own tensor parallelism: the mix at TP ``tp`` gives the same
     greedy tokens as at TP 1, and each pure recipe at TP ``tp`` the same as
-    stock vLLM on its single checkpoint at TP ``tp``."""
+    stock vLLM on its single checkpoint at TP ``tp``; with ``ep`` every TP
+    ``tp`` engine, the plugin's and stock's, runs with expert parallelism."""
     from vllm_mixed.export import export
 
     stock = {n: work / d for n, d in {"all-bf16": "tiny/bf16", "all-fp8": "tiny/fp8", "all-int4": "tiny/gptq-int4"}.items()
@@ -303,10 +319,10 @@ def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict,
     if "tp1" in names:
         results["mix@tp1"] = run("mix-tp1", composed["mix"], "mixed", out_dir, 1)
     for name in [n for n in names if n in composed]:
-        results[f"{name}@tp{tp}"] = run(f"{name}-tp{tp}", composed[name], "mixed", out_dir, tp)
+        results[f"{name}@tp{tp}"] = run(f"{name}-tp{tp}", composed[name], "mixed", out_dir, tp, ep=ep)
         if name in stock:
             backend = plugin_backend("gptq_int4") if name in ("all-int4", "mix") else "auto"  # int4 experts
-            results[f"stock-{name}@tp{tp}"] = run(f"stock-{name}-tp{tp}", stock[name], "auto", out_dir, tp, backend)
+            results[f"stock-{name}@tp{tp}"] = run(f"stock-{name}-tp{tp}", stock[name], "auto", out_dir, tp, backend, ep)
     rows = []
     pairs = [("mix@tp1", f"mix@tp{tp}")] if "tp1" in names else []
     pairs += [(f"stock-{n}@tp{tp}", f"{n}@tp{tp}") for n in stock]
@@ -323,7 +339,7 @@ def tp_check(tp: int, names: list[str], work: Path, composed: dict, plans: dict,
             row["top1_vs_fp32_ref"], _ = vs_reference(plans[got.split("@")[0]], b["teacher"])
             row["methods"] = b.get("methods", [])
         rows.append(row)
-    (final / "tp.json").write_text(json.dumps({"tp": tp, "rows": rows, "results": {
+    (final / "tp.json").write_text(json.dumps({"tp": tp, "ep": ep, "rows": rows, "results": {
         k: {kk: vv for kk, vv in v.items() if kk != "teacher"} for k, v in results.items()}}, indent=1))  # fmt: skip
     subprocess.run(["tar", "czf", str(final / "tp-logs.tar.gz"), "-C", str(out_dir), "."], check=False)
     print(
@@ -410,6 +426,6 @@ def variants_check(final: Path, work: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:7])
+        child(*sys.argv[2:8])
     else:
         main()

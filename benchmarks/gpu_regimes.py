@@ -18,6 +18,10 @@ with vLLM's own torch profiler (``profiler_config``): 48 decode steps at
 batch 1, and 32 prompts of 1024 tokens with 8 out (prefill). The top of
 each kernel table (self CUDA time) goes into the row.
 
+``--tp N`` / ``--ep``: every row at that layout (the multi-GPU issue), with
+``vllm-mixed plan --tp N [--ep]``'s verdicts recorded beside the plugin's rows;
+``VLLM_MIXED_BENCH_SHAPE=qwen3-235b-a22b`` for that model's shape.
+
 Usage (device): python3 benchmarks/gpu_regimes.py --out $OUT --rows stock-fp8,mix-b --regimes batch1,prefill,decode
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -93,6 +98,8 @@ def child(model: str, spec: str, regimes: str, out: str, profile: str) -> None:
     name, variant = gt.parse_row(spec)
     extra, _ = gt.VARIANTS[variant] if variant else ([], {})
     kwargs = engine_kwargs(gt.engine_flags("capped" if regs == ["capped"] else "throughput") + extra)
+    kwargs["tensor_parallel_size"] = int(os.environ.get("VLLM_MIXED_BENCH_TP", "1"))
+    kwargs["enable_expert_parallel"] = os.environ.get("VLLM_MIXED_BENCH_EP") == "1"
     if profile == "1":
         kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(Path(out).parent / "profile"),
                                      "torch_profiler_with_stack": False}  # fmt: skip
@@ -124,8 +131,6 @@ def child(model: str, spec: str, regimes: str, out: str, profile: str) -> None:
 
 
 def run_engine(spec: str, model: Path, regimes: list[str], out: Path, timeout: int, profile: bool) -> dict:
-    import os
-
     _, variant = gt.parse_row(spec)
     _, env_extra = gt.VARIANTS[variant] if variant else ([], {})
     tag = re.sub(r"[^\w.-]", "_", spec) + ("-capped" if regimes == ["capped"] else "")
@@ -160,7 +165,10 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="rows that also run the two profiled windows")
     ap.add_argument("--work", default="/tmp/vllm-mixed-bench")
     ap.add_argument("--budget-s", type=int, default=560, help="start no engine after this many seconds minus 90")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of every row")
+    ap.add_argument("--ep", action="store_true", help="enable_expert_parallel for every row")
     args = ap.parse_args()
+    os.environ["VLLM_MIXED_BENCH_TP"], os.environ["VLLM_MIXED_BENCH_EP"] = str(args.tp), "1" if args.ep else "0"
     start = time.perf_counter()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +194,9 @@ def main() -> None:
             row = run_engine(spec, model, group, out, int(left), spec in args.profile.split(","))
             plan = plans[gt.PLAN_OF[name]]
             row["plan_gib"] = round(plan.total_bytes / 2**30, 2)
+            row["layout"] = {"tp": args.tp, "ep": args.ep}
+            if name.startswith("mix-") and (args.tp > 1 or args.ep):
+                row["plan_verdicts"] = gt.plan_verdicts(work / f"{name}.yaml", args.tp, args.ep)
             if hbm and "batch1" in group:
                 row["hbm_gbs"] = round(hbm, 1)
                 row["floor_ms"] = round(1000 * gt.decode_bytes(plan, 32 + 128) / (hbm * 1e9), 3)

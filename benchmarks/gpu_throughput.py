@@ -48,7 +48,10 @@ from bench_hooks import parse_load_probe  # noqa: E402
 from vllm_mixed.processes import run_isolated  # noqa: E402
 from vllm_mixed.testing.published import published_config  # noqa: E402
 
-CONFIG = published_config("qwen3-30b-a3b")
+# the model shape (a published config in vllm_mixed/testing/published): Qwen3-30B-A3B unless
+# VLLM_MIXED_BENCH_SHAPE names another Qwen3-MoE, e.g. qwen3-235b-a22b for the multi-GPU rows
+SHAPE = os.environ.get("VLLM_MIXED_BENCH_SHAPE", "qwen3-30b-a3b")
+CONFIG = published_config(SHAPE)
 LAYERS = CONFIG["num_hidden_layers"]
 ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 GPTQ = {
@@ -143,7 +146,7 @@ def model_dirs(work: Path) -> tuple[dict[str, Path], dict[str, object]]:
     sparse = work / "sparse"
     if not sparse.exists():
         for fmt in ("bf16", "fp8", "gptq-int4"):
-            write_sparse_checkpoint(sparse, fmt)
+            write_sparse_checkpoint(sparse, fmt, config=CONFIG)
     src = {"bf16": str(sparse / "bf16"), "fp8": str(sparse / "fp8"), "int4": str(sparse / "gptq-int4")}
     experts = {"targets": ["model.layers.*.mlp.experts"], "source": "int4"}
     attention = {"targets": ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"], "source": "fp8"}
@@ -197,6 +200,18 @@ def decode_bytes(plan, context_tokens: int) -> int:
             total += p.nbytes
     kv = LAYERS * 2 * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * 2 * context_tokens
     return total + kv
+
+
+def plan_verdicts(recipe: Path, tp: int, ep: bool) -> dict:
+    """``vllm-mixed plan --tp N [--ep] --json``: what the plugin predicts vLLM builds per layer group."""
+    cmd = [sys.executable, "-m", "vllm_mixed.cli", "plan", str(recipe), "--json", "--tp", str(tp)] + (
+        ["--ep"] if ep else []
+    )
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    try:
+        return {"rc": r.returncode, "plan": json.loads(r.stdout)}
+    except json.JSONDecodeError:
+        return {"rc": r.returncode, "stderr": r.stderr[-1500:]}
 
 
 def hbm_copy_gbs() -> float:
