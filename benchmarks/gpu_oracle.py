@@ -383,8 +383,8 @@ def variants_check(final: Path, work: Path) -> None:
     from vllm_mixed.compose import compose
     from vllm_mixed.formats import UNQUANTIZED
     from vllm_mixed.formats.awq import AWQ
-    from vllm_mixed.formats.gptq_int4 import act_order_tiny
     from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
+    from vllm_mixed.formats.gptq_variants import act_order_tiny
     from vllm_mixed.plan import build_plan
     from vllm_mixed.recipe import load_recipe
     from vllm_mixed.tiny import make_tiny

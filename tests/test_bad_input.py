@@ -253,7 +253,7 @@ def test_debug_shows_traceback(tiny: Any, capsys: pytest.CaptureFixture[str]) ->
 def variants_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vllm_mixed.formats import UNQUANTIZED
     from vllm_mixed.formats.awq import AWQ
-    from vllm_mixed.formats.gptq_int4 import act_order_tiny
+    from vllm_mixed.formats.gptq_variants import act_order_tiny
     from vllm_mixed.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("variants") / "model"

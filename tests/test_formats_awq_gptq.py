@@ -16,13 +16,9 @@ from vllm_mixed.cli import main
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import detect_format
 from vllm_mixed.formats.awq import AWQ, AWQ_QUANT_CONFIG, awq_pack, awq_unpack
-from vllm_mixed.formats.gptq_int4 import (
-    GPTQ_ACT_ORDER_QUANT_CONFIG,
-    GPTQ_CHANNELWISE_QUANT_CONFIG,
-    GPTQ_INT4,
-    GPTQ_QUANT_CONFIG,
-)
+from vllm_mixed.formats.gptq_int4 import GPTQ_INT4, GPTQ_QUANT_CONFIG
 from vllm_mixed.formats.gptq_int8 import GPTQ_INT8, GPTQ_INT8_QUANT_CONFIG
+from vllm_mixed.formats.gptq_variants import GPTQ_ACT_ORDER_QUANT_CONFIG, GPTQ_CHANNELWISE_QUANT_CONFIG
 from vllm_mixed.parallel import FAILS, OK, LinearShard
 
 

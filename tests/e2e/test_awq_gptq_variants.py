@@ -31,8 +31,8 @@ from vllm_mixed.compose import compose
 from vllm_mixed.cpu_kernels import cpu_fallback_reason
 from vllm_mixed.formats import UNQUANTIZED
 from vllm_mixed.formats.awq import AWQ, AWQ_QUANT_CONFIG
-from vllm_mixed.formats.gptq_int4 import act_order_tiny, channelwise_tiny
 from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
+from vllm_mixed.formats.gptq_variants import act_order_tiny, channelwise_tiny
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
 from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs

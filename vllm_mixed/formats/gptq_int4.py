@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from vllm_mixed.parallel import LinearShard, Parallel
 
 __all__ = [
-    "GPTQ_ACT_ORDER_QUANT_CONFIG", "GPTQ_INT4", "GPTQ_QUANT_CONFIG", "GptqInt4", "act_order", "act_order_tiny",
-    "dequantize_stacked", "pack_int4", "unpack_int4",
+    "GPTQ_INT4", "GPTQ_QUANT_CONFIG", "GptqInt4", "act_order", "dequantize_stacked", "group_length", "pack_int4",
+    "unpack_int4",
 ]  # fmt: skip
 
 GPTQ_METHODS = ("gptq", "gptq_marlin", "auto_gptq")
@@ -382,29 +382,3 @@ class GptqInt4(Format):
 
 
 GPTQ_INT4 = GptqInt4()
-
-# desc_act: true (act-order) as GPTQModel writes it with static_groups: false
-GPTQ_ACT_ORDER_QUANT_CONFIG: dict[str, Any] = {**GPTQ_QUANT_CONFIG, "desc_act": True}
-
-
-def act_order_tiny() -> GptqInt4:
-    """The 4-bit format with a tiny layout of an act-order checkpoint
-    (``DIR/gptq-int4-actorder``, source ``int4a``): the same registered
-    format, another published config (for tests and the GPU oracle)."""
-    fmt = GptqInt4()
-    fmt.tiny = TinyLayout("gptq-int4-actorder", GPTQ_ACT_ORDER_QUANT_CONFIG, "float16", "int4a")
-    return fmt
-
-
-# channelwise act-order, as TheBloke's main-branch GPTQ checkpoints declare it (Mixtral-8x7B-Instruct:
-# group_size -1, desc_act true); with one group per output channel the column order changes nothing,
-# and vLLM reads it as desc_act false (AutoGPTQConfig / gptq_utils)
-GPTQ_CHANNELWISE_QUANT_CONFIG: dict[str, Any] = {**GPTQ_QUANT_CONFIG, "group_size": -1, "desc_act": True}
-
-
-def channelwise_tiny() -> GptqInt4:
-    """The 4-bit format with a tiny layout of a channelwise act-order
-    checkpoint (``DIR/gptq-int4-channel``, source ``int4c``)."""
-    fmt = GptqInt4()
-    fmt.tiny = TinyLayout("gptq-int4-channel", GPTQ_CHANNELWISE_QUANT_CONFIG, "float16", "int4c")
-    return fmt
