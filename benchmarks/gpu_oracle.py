@@ -169,15 +169,20 @@ def main() -> None:
                     "mix exported to compressed-tensors and served by stock vLLM")  # fmt: skip
     ap.add_argument("--arch", default=None, help="make-tiny --arch name (default: the tiny Qwen3-MoE)")
     ap.add_argument("--variants", action="store_true", help="the AWQ / act-order / int8 GPTQ sources instead")
+    ap.add_argument("--recipes", default="all-bf16,all-fp8,all-int4,mix",
+                    help="the default check's recipes (and so their stock rows): e.g. all-fp8,all-int4,mix where the "
+                    "CPU build already compared bf16")  # fmt: skip
     args = ap.parse_args()
     from vllm_mixed.compose import compose
     from vllm_mixed.models import model_named
     from vllm_mixed.models.qwen3_moe import QWEN3_MOE
 
     if args.variants:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         return variants_check(Path(args.out), Path(args.work))
 
     final, work = Path(args.out), Path(args.work)
+    final.mkdir(parents=True, exist_ok=True)
     out_dir = work / "rows"  # per-row logs; packed into one file at the end
     out_dir.mkdir(parents=True, exist_ok=True)
     recipes = {
@@ -188,6 +193,8 @@ def main() -> None:
     }
     if args.kernels:
         recipes |= KERNEL_RECIPES
+    elif args.tp == 1:
+        recipes = {name: r for name, r in recipes.items() if name in args.recipes.split(",")}
     plans = tiny_plans(work, recipes, args.arch)
     composed = {name: compose(plan, work / name) for name, plan in plans.items()}
 
@@ -195,13 +202,16 @@ def main() -> None:
         return kernel_check(work, composed, plans, out_dir, final)
     if args.tp > 1:
         return tp_check(args.tp, args.tp_recipes.split(","), work, composed, plans, out_dir, final, args.ep)
-    results = {
-        "stock-bf16": run("stock-bf16", work / "tiny/bf16", "auto", out_dir),
-        "stock-fp8": run("stock-fp8", work / "tiny/fp8", "auto", out_dir),
+    stock_rows = {  # recipe -> (its stock row, directory, --moe-backend)
+        "all-bf16": ("stock-bf16", "tiny/bf16", "auto"),
+        "all-fp8": ("stock-fp8", "tiny/fp8", "auto"),
         # on the int4 MoE backend the plugin picks here (its measured table), so the kernels are the same
-        "stock-gptq": run(
-            "stock-gptq", work / "tiny/gptq-int4", "auto", out_dir, moe_backend=plugin_backend("gptq_int4")
-        ),
+        "all-int4": ("stock-gptq", "tiny/gptq-int4", plugin_backend("gptq_int4")),
+    }
+    results = {
+        row: run(row, work / directory, "auto", out_dir, moe_backend=backend)
+        for name, (row, directory, backend) in stock_rows.items()
+        if name in recipes
     }
     for name in recipes:
         results[name] = run(name, composed[name], "mixed", out_dir)
@@ -214,8 +224,9 @@ def main() -> None:
         if r["ok"]:
             row["top1_vs_fp32_ref"], row["worst_logprob_gap"] = vs_reference(plans[name], r["teacher"])
             row["methods"] = r["methods"]
-            if name in oracle and results[oracle[name]]["ok"]:
+            if name in oracle and oracle[name] in results and results[oracle[name]]["ok"]:
                 row["same_greedy_as_stock"] = r["tokens"] == results[oracle[name]]["tokens"]
+                row["max_logprob_gap_vs_stock"] = max_gap(r, results[oracle[name]])
         rows.append(row)
     subprocess.run(["tar", "czf", str(final / "oracle-logs.tar.gz"), "-C", str(out_dir), "."], check=False)
     (final / "oracle.json").write_text(
@@ -227,7 +238,7 @@ def main() -> None:
             indent=1,
         )
     )
-    print("\nrecipe     same greedy as stock   top-1 vs fp32 ref   worst |dlogprob|")
+    print("\nrecipe     same greedy as stock   top-1 vs fp32 ref   worst |dlogprob|   max |dlogprob| vs stock")
     for row in rows:
         if not row["ok"]:
             print(f"{row['recipe']:10s} FAILED")
@@ -235,6 +246,7 @@ def main() -> None:
         same = row.get("same_greedy_as_stock", "n/a (mix)")
         print(
             f"{row['recipe']:10s} {str(same):22s} {row['top1_vs_fp32_ref']:.3f}               {row['worst_logprob_gap']:.3f}"
+            f"              {row.get('max_logprob_gap_vs_stock', '-')}"
         )
     for row in rows:
         for m in row.get("methods", []):

@@ -78,6 +78,7 @@ def main() -> None:
     from vllm_mixed.tiny import make_tiny
 
     final, work = Path(args.out), Path(args.work)
+    final.mkdir(parents=True, exist_ok=True)
     rows_dir = work / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     tiny = work / "tiny"

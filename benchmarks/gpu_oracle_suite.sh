@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The tiny-model oracles of the new sources and architectures, on the lent GPU, in one call:
 #   . benchmarks/device_setup.sh && bash benchmarks/gpu_oracle_suite.sh [JOBS ...]
-# JOBS (default: all): variants ct qwen2 mixtral qwen2-moe llama qwen3. Two run at a time: each
+# JOBS (default: all): variants ct qwen2 mixtral qwen2-moe llama qwen3 (about 43 engine starts: split
+# them over two calls, e.g. `variants ct qwen2-moe` and `mixtral qwen2 llama qwen3`). Two run at a time: each
 # engine's first start of a kernel compiles its Triton kernels (~90 s on a fresh machine), and six
 # at once ran past 430 s. Each job's rows (teacher logprobs included) and logs go into ONE archive,
 # $OUT/oracles.tgz (the device returns only a handful of files), and its table is printed.
@@ -13,7 +14,7 @@ run_job() {
   case $j in
     variants) a=(benchmarks/gpu_oracle.py --variants) ;;
     ct) a=(benchmarks/gpu_oracle_ct.py) ;;
-    *) a=(benchmarks/gpu_oracle.py --arch "$j") ;;
+    *) a=(benchmarks/gpu_oracle.py --arch "$j" --recipes all-fp8,all-int4,mix) ;;  # bf16: compared on the CPU
   esac
   mkdir -p "/tmp/oracle-suite/$j/out"
   timeout "$limit" python3 "${a[@]}" --out "/tmp/oracle-suite/$j/out" --work "/tmp/oracle-suite/$j/work" \

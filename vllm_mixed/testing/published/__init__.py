@@ -46,8 +46,19 @@ SOURCES = {
 
 # published quantized checkpoint -> where its quantization_config (and torch_dtype) was taken from
 CHECKPOINTS = {
-    "Qwen/Qwen3-32B-FP8": f"{_HF.format('Qwen/Qwen3-32B-FP8')} (the Qwen3 FP8 block layout; {_UNCHECKED})",
-    "Qwen/Qwen3-32B-AWQ": f"{_HF.format('Qwen/Qwen3-32B-AWQ')} ({_UNCHECKED})",
+    "Qwen/Qwen3-32B-FP8": (
+        f"{_HF.format('Qwen/Qwen3-32B-FP8')} (the Qwen3 FP8 block layout; same-family evidence only: the "
+        "transformers print of a Qwen3-8B-FP8 config in the GitHub corpus (find_string id 62741608566) has the same "
+        "four keys (activation_scheme dynamic, fmt e4m3, quant_method fp8, weight_block_size [128, 128]), no "
+        "modules_to_not_convert and dtype bfloat16, and a summary table of Qwen's FP8 configs (id 53948922559, not "
+        f"a copy of the file) lists Qwen3-32B-FP8 with those four keys and no exclusions; {_UNCHECKED} for 32B)"
+    ),
+    "Qwen/Qwen3-32B-AWQ": (
+        f"{_HF.format('Qwen/Qwen3-32B-AWQ')}; every quantization_config key (bits 4, group_size 128, "
+        "modules_to_not_convert null, quant_method awq, version gemm, zero_point true) and dtype float16 as in the "
+        "transformers Qwen3Config print of a local Qwen3-32B-AWQ checkpoint (64 layers, hidden 5120) stored in the "
+        "GitHub corpus (find_string id 62727925985)"
+    ),
     "RedHatAI/Meta-Llama-3.1-8B-Instruct-quantized.w4a16": (
         f"{_HF.format('RedHatAI/Meta-Llama-3.1-8B-Instruct-quantized.w4a16')} (llm-compressor output; {_UNCHECKED})"
     ),
@@ -57,15 +68,26 @@ CHECKPOINTS = {
     ),
     "TheBloke/Mixtral-8x7B-Instruct-v0.1-GPTQ": (
         f"{_HF.format('TheBloke/Mixtral-8x7B-Instruct-v0.1-GPTQ')} (branch main: 4-bit, act-order, no group size; "
-        f"{_UNCHECKED})"
+        "same-publisher evidence only: the TheBloke/TinyLlama-1.1B-Chat-v1.0-GPTQ quantize_config.json quoted in the "
+        "GitHub corpus (find_string id 63241653895) has bits 4, damp_percent 0.1, desc_act true, sym true, "
+        "true_sequential true, model_name_or_path null, model_file_base_name model (plus static_groups false, absent "
+        "here), and Intel code citing TheBloke/Llama-2-7B-Chat-GPTQ's config.json (id 2782246513) uses this entry's "
+        f"nine keys; {_UNCHECKED} for this checkpoint, group_size -1 included)"
     ),
     "Qwen/Qwen3-235B-A22B-FP8": (
         f"{_HF.format('Qwen/Qwen3-235B-A22B-FP8')} (modules_to_not_convert in the pattern docs/qwen3-30b-a3b.md "
-        f"verified for Qwen3-30B-A3B-FP8: lm_head and every layer's norms and router; {_UNCHECKED} for 235B)"
+        "verified for Qwen3-30B-A3B-FP8: lm_head and every layer's norms and router; same-family evidence: the "
+        "transformers print of a Qwen3-30B-A3B-Thinking-2507-FP8 config in the GitHub corpus (find_string id "
+        "62570066099) has the same five keys and the same list order (lm_head, then per layer input_layernorm, "
+        "mlp.gate, post_attention_layernorm), and a summary table of Qwen's FP8 configs (id 53948922559, not a copy "
+        f"of the file) gives 235B that exclusion pattern; {_UNCHECKED} for 235B)"
     ),
     "Qwen/Qwen3-235B-A22B-GPTQ-Int4": (
         f"{_HF.format('Qwen/Qwen3-235B-A22B-GPTQ-Int4')} (the GPTQModel config of Qwen3-30B-A3B-GPTQ-Int4, "
-        f"docs/qwen3-30b-a3b.md; {_UNCHECKED} for 235B)"
+        "docs/qwen3-30b-a3b.md; same-family evidence: the Qwen3-30B-A3B-GPTQ-Int4 config.json pasted in a GPTQModel "
+        "issue stored in the GitHub corpus (find_string id 69846854025) has all eleven keys with these values and "
+        "torch_dtype float16, and a summary table of Qwen's GPTQ configs (id 53948922559, not a copy of the file) "
+        f"gives 235B the same core keys; {_UNCHECKED} for 235B)"
     ),
 }
 
