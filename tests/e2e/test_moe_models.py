@@ -4,8 +4,9 @@ experts, a shared expert and its gate) through the plugin on vLLM's CPU
 build, from ``make-tiny --arch``: the pure BF16 recipe against stock vLLM on
 the BF16 checkpoint (the same kernels: identical teacher-forced logprobs;
 stock vLLM has no int4 or FP8 MoE kernel on a CPU without AMX), and one mix
-per architecture (experts int4, attention FP8, the rest BF16) against
-transformers' own model class on dequantized weights."""
+per architecture and direction (experts int4 with attention FP8, and experts
+FP8 with attention int4; the rest BF16) against transformers' own model class
+on dequantized weights."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from tests.e2e.test_dense_models import REQUEST, TEACHER, plan_of, tiny_root  # 
 from vllm_mixed.compose import compose
 from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
 
-ATTENTION_FP8 = {"targets": ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"], "source": "fp8"}
-MIXES = {
-    "mixtral": [{"targets": ["model.layers.*.block_sparse_moe.experts"], "source": "int4"}, ATTENTION_FP8],
-    "qwen2-moe": [
-        {"targets": ["model.layers.*.mlp.experts", "model.layers.*.mlp.shared_expert.*"], "source": "int4"},
-        ATTENTION_FP8,
-    ],
+ATTENTION = ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"]
+EXPERTS = {
+    "mixtral": ["model.layers.*.block_sparse_moe.experts"],
+    "qwen2-moe": ["model.layers.*.mlp.experts", "model.layers.*.mlp.shared_expert.*"],
 }
+# (experts' source, attention's source): int4 experts beside FP8 attention, and the other way round
+# (FP8 block experts, and the shared expert, on the fallback; int4 attention on vLLM's CPU int4 GEMM)
+MIXES = {"int4-experts": ("int4", "fp8"), "fp8-experts": ("fp8", "int4")}
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe"])
@@ -36,10 +37,13 @@ def test_pure_bf16_equals_stock_vllm(tiny_root, tmp_path, arch):  # noqa: F811
     assert max_gap(mixed, stock)[0] <= 1e-5
 
 
+@pytest.mark.parametrize("mix", sorted(MIXES))
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2-moe"])
-def test_mix_matches_transformers_reference(tiny_root, tmp_path, arch):  # noqa: F811
+def test_mix_matches_transformers_reference(tiny_root, tmp_path, arch, mix):  # noqa: F811
     root = tiny_root(arch)
-    plan = plan_of(root, tmp_path, "bf16", MIXES[arch])
+    experts, attention = MIXES[mix]
+    rules = [{"targets": EXPERTS[arch], "source": experts}, {"targets": ATTENTION, "source": attention}]
+    plan = plan_of(root, tmp_path, "bf16", rules)
     assert {p.format for p in plan.layers if p.layer.kind in ("experts", "linear")} == {"gptq_int4", "fp8_block"}
     result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
     assert "DequantFallbackMoEMethod" in result["log"]
