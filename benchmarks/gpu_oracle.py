@@ -147,12 +147,9 @@ def tiny_plans(work: Path, recipes: dict[str, tuple], arch: str | None = None) -
 def vs_reference(plan, teacher: list) -> tuple[float, float]:
     """(top-1 agreement, worst |logprob gap|) of a row's teacher-forced
     logprobs against the float32 transformers reference on ``plan``'s weights."""
-    from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
+    from vllm_mixed.testing.reference import agreement
 
-    model = hf_model(plan)
-    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, teacher)]
-    n = sum(st["positions"] for st in stats)
-    return sum(st["top1_agreement"] * st["positions"] for st in stats) / n, max(st["worst_logprob_gap"] for st in stats)
+    return agreement(plan, TEACHER, teacher)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
 from vllm_mixed.formats.gptq_variants import act_order_tiny, channelwise_tiny
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
-from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
+from vllm_mixed.testing.reference import agreement
 from vllm_mixed.tiny import make_tiny
 
 _rng = random.Random(12)
@@ -87,10 +87,8 @@ def test_awq_actorder_int8_mix_matches_reference(tmp_path):
     assert "experts <- source 'awq' (awq) via DequantFallbackMoEMethod" in log
     assert "qkv_proj <- source 'int4a' (gptq_int4) via DequantFallbackLinearMethod" in log
     assert "o_proj <- source 'int8' (gptq_int8) via DequantFallbackLinearMethod" in log
-    model = hf_model(plan)
-    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
-    top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
-    assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, stats
+    top1, worst = agreement(plan, TEACHER, result["teacher"])
+    assert top1 >= 0.90 and worst <= 0.15, (top1, worst)
 
 
 def test_pure_channelwise_gptq_llama_equals_stock_vllm(tmp_path):
@@ -119,7 +117,5 @@ def test_mixtral_channelwise_gptq_experts_match_reference(tmp_path):
     assert {p.precision for p in plan.layers if p.layer.kind == "experts"} == {"int4-channel"}
     result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
     assert "experts <- source 'int4c' (gptq_int4) via" in result["log"]
-    model = hf_model(plan)
-    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
-    top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
-    assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, stats
+    top1, worst = agreement(plan, TEACHER, result["teacher"])
+    assert top1 >= 0.90 and worst <= 0.15, (top1, worst)

@@ -18,7 +18,7 @@ from vllm_mixed.cpu_kernels import cpu_fallback_reason
 from vllm_mixed.formats.gptq_int4 import GPTQ_QUANT_CONFIG
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
-from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
+from vllm_mixed.testing.reference import agreement
 from vllm_mixed.tiny import make_tiny
 
 _rng = random.Random(7)
@@ -79,7 +79,5 @@ def test_recipe_matches_transformers_reference(tiny_root, tmp_path, arch, defaul
     root = tiny_root(arch)
     plan = plan_of(root, tmp_path, default, rules)
     result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
-    model = hf_model(plan)
-    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
-    top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
-    assert top1 >= 0.90 and max(s["worst_logprob_gap"] for s in stats) <= 0.15, stats
+    top1, worst = agreement(plan, TEACHER, result["teacher"])
+    assert top1 >= 0.90 and worst <= 0.15, (top1, worst)

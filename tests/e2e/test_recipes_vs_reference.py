@@ -14,7 +14,7 @@ from tests.e2e.conftest import RECIPES, run_vllm, write_recipe
 from vllm_mixed.compose import compose
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
-from vllm_mixed.testing.reference import compare, hf_model, teacher_forced_logprobs
+from vllm_mixed.testing.reference import agreement
 
 TOP1_MIN = 0.90
 LOGPROB_GAP_MAX = 0.15
@@ -37,10 +37,7 @@ def test_recipe_matches_reference(name, tiny_dirs, tmp_path, stock_bf16, record_
     composed = compose(plan, tmp_path / "composed")
     result = run_vllm(composed, "mixed", REQUEST, tmp_path)
 
-    model = hf_model(plan)
-    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(TEACHER, result["teacher"])]
-    top1 = sum(s["top1_agreement"] * s["positions"] for s in stats) / sum(s["positions"] for s in stats)
-    worst = max(s["worst_logprob_gap"] for s in stats)
+    top1, worst = agreement(plan, TEACHER, result["teacher"])
     load = re.search(r"vllm-mixed: loaded (\d+) tensors.* in ([\d.]+) s", result["log"])
     stock_load = re.search(r"Loading weights took ([\d.]+) seconds", stock_bf16["log"])
     summary = {

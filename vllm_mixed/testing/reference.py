@@ -11,7 +11,7 @@ from safetensors import safe_open
 from vllm_mixed.models import model_for
 from vllm_mixed.plan import LoadPlan
 
-__all__ = ["compare", "dequantized_weights", "hf_model", "teacher_forced_logprobs"]
+__all__ = ["agreement", "compare", "dequantized_weights", "hf_model", "teacher_forced_logprobs"]
 
 
 def dequantized_weights(plan: LoadPlan) -> dict[str, torch.Tensor]:
@@ -59,3 +59,13 @@ def compare(ref: torch.Tensor, vllm_positions: list[dict[str, list[float]]]) -> 
             gap = float("inf") if got is None else abs(got[0] - ref[t, tok].item())
             worst = max(worst, gap)
     return {"top1_agreement": agree / len(vllm_positions), "worst_logprob_gap": worst, "positions": len(vllm_positions)}
+
+
+def agreement(plan: LoadPlan, prompts: list[list[int]], vllm_teacher: list[list[dict]]) -> tuple[float, float]:
+    """(top-1 agreement over all positions, worst |logprob gap|) of vLLM's
+    teacher-forced logprobs for ``prompts`` against this reference on
+    ``plan``'s weights."""
+    model = hf_model(plan)
+    stats = [compare(teacher_forced_logprobs(model, ids), got) for ids, got in zip(prompts, vllm_teacher, strict=True)]
+    n = sum(st["positions"] for st in stats)
+    return sum(st["top1_agreement"] * st["positions"] for st in stats) / n, max(st["worst_logprob_gap"] for st in stats)
