@@ -14,7 +14,16 @@ import pytest
 from vllm_mixed.composition import Composition
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import get_format
-from vllm_mixed.kernel_choice import AUTO, MEASURED, RECIPE, USER, choose_moe_backend
+from vllm_mixed.kernel_choice import (
+    AUTO,
+    DEFAULT,
+    MEASURED,
+    RECIPE,
+    USER,
+    choose_linear_backend,
+    choose_moe_backend,
+    linear_backend_set,
+)
 from vllm_mixed.parallel import HOPPER
 from vllm_mixed.plan import build_plan, plan_summary
 from vllm_mixed.recipe import recipe_from_dict
@@ -61,10 +70,34 @@ def test_recipe_override_beats_table_and_user_beats_recipe():
 def test_recipe_kernels_are_validated():
     with pytest.raises(MixedError, match=r"kernels\.int8: 'int8' is not a source"):
         recipe({"int8": {"moe_backend": "marlin"}})
-    with pytest.raises(MixedError, match=r"unknown key 'kernels\.int4\.backend'; allowed keys here: moe_backend"):
+    with pytest.raises(
+        MixedError, match=r"unknown key 'kernels\.int4\.backend'; allowed keys here: linear_backend, moe_backend"
+    ):
         recipe({"int4": {"backend": "marlin"}})
-    with pytest.raises(MixedError, match="is not a vLLM MoE backend name"):
+    with pytest.raises(MixedError, match="is not a vLLM backend name"):
         recipe({"int4": {"moe_backend": "Marlin!"}})
+    with pytest.raises(MixedError, match="is not a vLLM backend name"):
+        recipe({"int4": {"linear_backend": "Machete!"}})
+
+
+def test_linear_backend_per_source_user_first():
+    r = recipe({"int4": {"linear_backend": "machete"}, "fp8": {"linear_backend": "auto"}})
+    got = choose_linear_backend("int4", r, AUTO)
+    assert (got.backend, got.by) == ("machete", RECIPE) and "kernels.int4.linear_backend" in got.describe()
+    assert choose_linear_backend("fp8", r, AUTO).backend == AUTO  # auto in the recipe: vLLM's choice
+    assert choose_linear_backend("bf16", r, AUTO).by == DEFAULT  # another source: untouched
+    assert choose_linear_backend("int4", r, "marlin").backend == "marlin"  # the user's --linear-backend wins
+
+
+def test_linear_backend_is_set_only_inside_the_block():
+    class KernelConfig:
+        linear_backend = "auto"
+
+    kc = KernelConfig()
+    with pytest.raises(RuntimeError), linear_backend_set(kc, "machete"):
+        assert kc.linear_backend == "machete"
+        raise RuntimeError("vLLM failed inside")
+    assert kc.linear_backend == "auto"
 
 
 class _Native:

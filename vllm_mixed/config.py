@@ -22,7 +22,14 @@ from vllm_mixed.composition import QUANT_METHOD, Composition
 from vllm_mixed.cpu_kernels import cpu_fallback_reason
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import get_format
-from vllm_mixed.kernel_choice import AUTO, MoeChoice, choose_moe_backend
+from vllm_mixed.kernel_choice import (
+    AUTO,
+    RECIPE,
+    KernelChoice,
+    choose_linear_backend,
+    choose_moe_backend,
+    linear_backend_set,
+)
 from vllm_mixed.parallel import HOPPER, Parallel
 from vllm_mixed.vllm_compat import (
     engine_layout,
@@ -138,8 +145,10 @@ class MixedPrecisionConfig(QuantizationConfig):
                 try:
                     if experts and not is_cpu():
                         method, note = self._native_experts(native, layer, prefix, source, fmt)
-                    else:
+                    elif experts:
                         method = native.get_quant_method(layer, prefix)
+                    else:
+                        method, note = self._native_linear(native, layer, prefix, source)
                 except NotImplementedError as exc:  # vLLM found no kernel (e.g. its CPU WNA16 MoE oracle)
                     if not is_cpu():
                         raise
@@ -175,10 +184,46 @@ class MixedPrecisionConfig(QuantizationConfig):
                 raise
             moe.moe_backend = AUTO
             method = native.get_quant_method(layer, prefix)
-            choice = MoeChoice(AUTO, choice.by, f"{choice.backend} refused by vLLM: {exc}")
+            choice = KernelChoice(AUTO, choice.by, f"{choice.backend} refused by vLLM: {exc}")
         built = getattr(getattr(method, "experts_cls", None), "__name__", None)
         note = f" [moe backend {choice.describe()}{'; vLLM built ' + built if built else ''}]"
         return method, note
+
+    def _native_linear(self, native: Any, layer: Any, prefix: str, source: str) -> tuple[Any, str]:
+        """vLLM's method for this linear on the linear backend the recipe names
+        for its source (``kernel_choice``): vLLM's ``kernel_config.linear_backend``
+        holds it while the method is built and while it creates its weights,
+        where vLLM picks the kernel; every other layer sees the engine's own."""
+        from vllm.config import get_current_vllm_config
+
+        kernel_config = get_current_vllm_config().kernel_config
+        choice = choose_linear_backend(source, self._require().recipe, kernel_config.linear_backend)
+        if choice.by != RECIPE:
+            return native.get_quant_method(layer, prefix), ""
+
+        def refused(exc: ValueError) -> MixedError:
+            return MixedError(
+                f"recipe {choice.detail}: vLLM has no {choice.backend!r} linear kernel for {prefix} ({exc}); name "
+                "another backend for this source, or remove the key to let vLLM choose"
+            )
+
+        try:
+            with linear_backend_set(kernel_config, choice.backend):
+                method = native.get_quant_method(layer, prefix)
+        except ValueError as exc:
+            raise refused(exc) from None
+        if method is not None:
+            create = method.create_weights
+
+            def create_weights(*args: Any, **kwargs: Any) -> Any:
+                with linear_backend_set(kernel_config, choice.backend):
+                    try:
+                        return create(*args, **kwargs)
+                    except ValueError as exc:
+                        raise refused(exc) from None
+
+            method.create_weights = create_weights  # the instance's own: isinstance checks still see vLLM's class
+        return method, f" [linear backend asked: {choice.describe()}]"  # vLLM's own log names the kernel built
 
     def _first_layer(self) -> None:
         """Checks of the engine being built, once per process before any

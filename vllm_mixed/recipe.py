@@ -61,12 +61,17 @@ class SourceKernels(BaseModel):
 
     #: vLLM's ``--moe-backend`` value for this source's experts (``auto``: vLLM's own choice)
     moe_backend: StrictStr | None = None
+    #: vLLM's ``--linear-backend`` value for this source's quantized linears (``auto``: vLLM's own choice)
+    linear_backend: StrictStr | None = None
 
-    @field_validator("moe_backend")
+    @field_validator("moe_backend", "linear_backend")
     @classmethod
     def _backend_name(cls, name: str | None) -> str | None:
         if name is not None and not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-            raise ValueError(f"{name!r} is not a vLLM MoE backend name (such as marlin, humming, triton, auto)")
+            raise ValueError(
+                f"{name!r} is not a vLLM backend name (MoE: marlin, humming, triton, ...; linear: machete, marlin, "
+                "cutlass, deep_gemm, torch, ...; or auto)"
+            )
         return name
 
 

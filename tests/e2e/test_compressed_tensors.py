@@ -39,10 +39,12 @@ REQUEST = {"teacher": TEACHER, "greedy": TEACHER[:2], "max_tokens": 12}
 FORMATS = (CT_W4A16, CT_FP8)
 
 
-def recipe(root, tmp_path, default, rules=()):
+def recipe(root, tmp_path, default, rules=(), kernels=None):
     sources = {"bf16": str(root / "bf16")} | {f.tiny.source: str(root / f.tiny.directory) for f in FORMATS}
     body = {"sources": sources, "base": "bf16", "default": default, "dtype": "bfloat16", "rules": list(rules)}
-    path = tmp_path / f"{default}-{len(rules)}.yaml"
+    if kernels:
+        body["kernels"] = kernels
+    path = tmp_path / f"{default}-{len(rules)}-{len(kernels or {})}.yaml"
     path.write_text(yaml.safe_dump(body))
     return build_plan(load_recipe(path))
 
@@ -78,6 +80,36 @@ def test_ct_recipe_equals_stock_vllm_on_its_export(llama, tmp_path):
         assert kernel in mixed["log"] and kernel in stock["log"], kernel
     assert mixed["greedy"] == stock["greedy"]
     assert max_gap(mixed, stock)[0] <= 1e-5
+
+
+def test_recipe_linear_backend_applies_to_its_source_only(llama, tmp_path):
+    """``kernels: {ctfp8: {linear_backend: torch}}``: vLLM's ``torch`` linear
+    backend for the FP8 attention only, while the W4A16 MLP keeps vLLM's own
+    choice (``CPUWNA16LinearKernel`` belongs to no backend name, so a global
+    ``--linear-backend torch`` would leave it without a kernel). On this CPU
+    the FP8 kernel is the same either way: logprobs identical to the recipe
+    without the key."""
+    for fmt in FORMATS:
+        if why := cpu_fallback_reason(fmt.name, "linear", fmt.tiny.quant_config):
+            pytest.skip(f"stock vLLM has no CPU kernel for {fmt.name} linears here: {why}")
+    rules = [{"targets": ATTENTION, "source": CT_FP8.tiny.source}, {"targets": MLP, "source": CT_W4A16.tiny.source}]
+    fp8, int4 = CT_FP8.tiny.source, CT_W4A16.tiny.source
+    plain = run_vllm(compose(recipe(llama, tmp_path, "bf16", rules), tmp_path / "plain"), "mixed", REQUEST,
+                     tmp_path / "run-plain")  # fmt: skip
+    chosen_plan = recipe(llama, tmp_path, "bf16", rules, {fp8: {"linear_backend": "torch"}})
+    chosen = run_vllm(compose(chosen_plan, tmp_path / "chosen"), "mixed", REQUEST, tmp_path / "run-chosen")
+    lines = [line for line in chosen["log"].splitlines() if "vllm-mixed: " in line and " <- source " in line]
+    marked = f"[linear backend asked: torch (recipe: kernels.{fp8}.linear_backend)]"
+    assert any(f"qkv_proj <- source '{fp8}'" in line and marked in line for line in lines), lines
+    assert any(f"gate_up_proj <- source '{int4}'" in line and "[linear backend" not in line for line in lines), lines
+    assert "CPUWNA16LinearKernel" in chosen["log"]
+    assert chosen["greedy"] == plain["greedy"] and max_gap(chosen, plain)[0] == 0.0
+    # vLLM 0.32 answers a backend with no kernel for a layer with a warning and its own choice (0.26 raises,
+    # and the plugin names the recipe key): the int4 MLP stays on CPUWNA16LinearKernel, results unchanged
+    unmet_plan = recipe(llama, tmp_path, "bf16", rules, {int4: {"linear_backend": "torch"}})
+    unmet = run_vllm(compose(unmet_plan, tmp_path / "unmet"), "mixed", REQUEST, tmp_path / "run-unmet")
+    assert "--linear-backend=torch has no kernel for this linear layer type" in unmet["log"]
+    assert "CPUWNA16LinearKernel" in unmet["log"] and max_gap(unmet, plain)[0] == 0.0
 
 
 def write_variant(root, fmt, directory, quant_config):
