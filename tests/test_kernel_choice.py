@@ -167,6 +167,16 @@ def test_plan_names_the_backend_per_experts_group(tiny_master):
     assert groups["attention"]["moe_backend_gpu"] == "-"
 
 
+def test_plan_names_a_recipe_linear_backend_for_its_quantized_linears_only(tiny_master):
+    body = _tiny_recipe(tiny_master)
+    body["rules"] = [*body["rules"], {"targets": ["model.layers.*.self_attn.qkv_proj"], "source": "int4"}]
+    body["kernels"] = {"int4": {"linear_backend": "machete"}, "bf16": {"linear_backend": "marlin"}}
+    groups = {(g["group"], g["source"]): g for g in plan_summary(build_plan(recipe_from_dict(body)), {})["groups"]}
+    assert groups[("attention", "int4")]["linear_backend_gpu"] == "machete (recipe: kernels.int4.linear_backend)"
+    assert groups[("attention", "bf16")]["linear_backend_gpu"] == "-"  # o_proj is bf16: no quantized kernel to pick
+    assert groups[("experts", "int4")]["linear_backend_gpu"] == "-"
+
+
 def test_only_the_measured_variant_gets_the_table():
     """Humming was measured for 4-bit GPTQ without act-order (its GPTQ schema
     asserts desc_act false): act-order, 8-bit GPTQ and AWQ keep vLLM's choice."""

@@ -18,7 +18,7 @@ from typing import Any
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import UNQUANTIZED, Format, TensorSpec, get_format
 from vllm_mixed.formats.unquantized import FLOAT_DTYPES
-from vllm_mixed.kernel_choice import AUTO, choose_moe_backend
+from vllm_mixed.kernel_choice import AUTO, RECIPE, choose_linear_backend, choose_moe_backend
 from vllm_mixed.models import Geometry, Layer, Member, geometry_for, layers_for, model_for
 from vllm_mixed.parallel import HOPPER, Parallel
 from vllm_mixed.recipe import Recipe
@@ -267,12 +267,16 @@ def plan_summary(
         gpu, cpu = predicted_methods(kind, f)
         if cpu_method is not None and kind in ("linear", "experts", "router"):
             cpu = cpu_method(f, kind, plan.sources[s].quant_config)
-        backend = "-"
+        backend, linear = "-", "-"
         if kind == "experts":  # on Hopper, where the backend's package is installed (the engine checks)
             qc = plan.sources[s].quant_config
             backend = choose_moe_backend(get_format(f), s, plan.recipe, AUTO, HOPPER, lambda _: True, qc).describe()
+        elif kind == "linear" and get_format(f).quantized:
+            choice = choose_linear_backend(s, plan.recipe, AUTO)
+            linear = choice.describe() if choice.by == RECIPE else "-"
         groups.append({"group": g, "source": s, "format": f, "precision": p, "layers": n, "bytes": b,
-                       "vllm_method_gpu": gpu, "moe_backend_gpu": backend, "vllm_method_cpu": cpu})  # fmt: skip
+                       "vllm_method_gpu": gpu, "moe_backend_gpu": backend, "linear_backend_gpu": linear,
+                       "vllm_method_cpu": cpu})  # fmt: skip
     return {
         "recipe": plan.recipe.to_dict(),
         "sources": {n: {"path": str(s.path), "format": s.format} for n, s in plan.sources.items()},

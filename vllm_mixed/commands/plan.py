@@ -92,19 +92,21 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         (
             g["group"], g["source"], g["format"], g["precision"], g["layers"], g["bytes"], human(g["bytes"]),
-            g["vllm_method_gpu"], g["moe_backend_gpu"], g["vllm_method_cpu"],
+            g["vllm_method_gpu"], g["moe_backend_gpu"] if g["moe_backend_gpu"] != "-" else g["linear_backend_gpu"],
+            g["vllm_method_cpu"],
         )
         for g in summary["groups"]
     ]  # fmt: skip
     headers = [
-        "group", "source", "format", "precision", "layers", "bytes", "", "vLLM method (CUDA)", "MoE backend (Hopper)",
+        "group", "source", "format", "precision", "layers", "bytes", "", "vLLM method (CUDA)", "backend (Hopper)",
         "(CPU build)",
     ]  # fmt: skip
     print(table(headers, rows, right={4, 5, 6}))
     if any(g["moe_backend_gpu"].startswith(("humming", "marlin")) for g in summary["groups"]):
         print(
-            "note: MoE backend (Hopper): what the plugin asks of vLLM per experts group where the backend's package "
-            "is installed (else vLLM's own choice); --moe-backend, or the recipe's kernels: section, overrides it"
+            "note: backend (Hopper): what the plugin asks of vLLM per experts group where the backend's package "
+            "is installed (else vLLM's own choice), and a linear group's recipe kernels.<source>.linear_backend; "
+            "--moe-backend / --linear-backend, or the recipe's kernels: section, overrides it"
         )
     print()
     prec = [(p, b, human(b)) for p, b in sorted(summary["bytes_by_precision"].items())]
