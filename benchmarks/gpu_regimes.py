@@ -143,15 +143,7 @@ def run_engine(spec: str, model: Path, regimes: list[str], out: Path, timeout: i
     text = log.read_text(errors="replace")
     row = json.loads(js.read_text()) if js.exists() else {}
     row |= {"row": spec, "rc": "timeout" if rc is None else rc, "wall_s": round(time.perf_counter() - t0, 1)}
-    m = re.search(r"Model loading took ([\d.]+) GiB", text)
-    row["weights_gib"] = float(m.group(1)) if m else None
-    m = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", text)
-    row["max_concurrency"] = float(m.group(1)) if m else None
-    row["methods"] = sorted(set(re.findall(r"vllm-mixed: (.+? via \w+)", text)))
-    row["kernels"] = sorted(set(re.findall(r"Using '?(\w+)'? (?:WNA16 MoE backend|Fp8 MoE backend|backend)", text)))
-    row["kernels"] += sorted(set(re.findall(r"Selected (\w+) for (\w+)", text)))
-    row["kernels"] += sorted(set(re.findall(r"Using (\w+) gemm for humming moe", text)))
-    row["moe_choices"] = sorted(set(re.findall(r"\[moe backend ([^\]]+)\]", text)))
+    row |= gt.log_facts(text)
     if row["rc"] != 0:
         row["tail"] = text[-3000:]
     return row

@@ -122,11 +122,7 @@ def serve_row(spec: str, model: Path, args: argparse.Namespace, out: Path, deadl
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
     text = log.read_text(errors="replace")
-    m = re.search(r"Model loading took ([\d.]+) GiB", text)
-    row["weights_gib_per_rank"] = float(m.group(1)) if m else None
-    row["methods"] = sorted(set(re.findall(r"vllm-mixed: (.+? via \w+(?: \[[^\]]+\])?)", text)))
-    row["kernels"] = sorted(set(re.findall(r"Using '?(\w+)'? (?:WNA16 MoE backend|Fp8 MoE backend|backend)", text)))
-    row["kernels"] += sorted(set(re.findall(r"Selected (\w+) for (\w+)", text)))
+    row |= gt.log_facts(text)  # weights_gib: per rank
     row["rc"] = row.get("rc", 0)
     if any(not isinstance(row.get(f"c{c}"), dict) or row[f"c{c}"].get("failed") for c in args.concurrency):
         row["tail"] = text[-2500:]

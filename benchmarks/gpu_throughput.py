@@ -247,6 +247,24 @@ def engine_flags(bench: str) -> list[str]:
     return flags
 
 
+def log_facts(text: str) -> dict:
+    """What an engine's log says it built: weights (GiB, per rank), the KV
+    cache's concurrency, the plugin's method per layer group (with its
+    backend notes), and vLLM's kernel and backend choices."""
+    m = re.search(r"Model loading took ([\d.]+) GiB", text)
+    c = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", text)
+    kernels = sorted(set(re.findall(r"Using '?(\w+)'? (?:WNA16 MoE backend|Fp8 MoE backend|backend)", text)))
+    kernels += sorted(set(re.findall(r"Selected (\w+) for (\w+)", text)))
+    kernels += sorted(set(re.findall(r"Using (\w+) gemm for humming moe", text)))
+    return {
+        "weights_gib": float(m.group(1)) if m else None,
+        "max_concurrency": float(c.group(1)) if c else None,  # what the KV cache allows (the capped regime)
+        "methods": sorted(set(re.findall(r"vllm-mixed: (.+? via \w+)", text))),
+        "kernels": kernels,
+        "moe_choices": sorted(set(re.findall(r"\[moe backend ([^\]]+)\]", text))),
+    }
+
+
 def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict:
     name, variant = parse_row(spec)
     extra, env_extra = VARIANTS[variant] if variant else ([], {})
@@ -269,16 +287,10 @@ def run_row(spec: str, model: Path, bench: str, out: Path, timeout: int) -> dict
         r = json.loads(js.read_text())
         row["avg_latency_s"] = r.get("avg_latency")
         row["ms_per_token"] = round(1000 * r["avg_latency"] / 256, 3) if r.get("avg_latency") else None
-    m = re.search(r"Model loading took ([\d.]+) GiB", text)
-    row["weights_gib"] = float(m.group(1)) if m else None
-    m = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", text)
-    row["max_concurrency"] = float(m.group(1)) if m else None  # what the KV cache allows (the capped regime)
+    row |= log_facts(text)
     probe = parse_load_probe(text)
     if probe:  # GPU memory during the load (dummy weights, then process_weights_after_loading) against after it
         row["load_peak_gib"], row["load_resident_gib"] = probe["peak_gib"], probe["resident_gib"]
-    row["methods"] = sorted(set(re.findall(r"vllm-mixed: (.+? via \w+)", text)))
-    row["kernels"] = sorted(set(re.findall(r"Using '?(\w+)'? (?:WNA16 MoE backend|Fp8 MoE backend|backend)", text)))
-    row["kernels"] += sorted(set(re.findall(r"Selected (\w+) for (\w+)", text)))
     if rc != 0:
         row["tail"] = text[-3000:]
     return row
