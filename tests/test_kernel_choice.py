@@ -186,3 +186,64 @@ def test_only_the_measured_variant_gets_the_table():
     assert choose_moe_backend(GPTQ, "int4", recipe(), AUTO, HOPPER, everything, plain).backend == "humming"
     for name in ("gptq_int8", "awq"):
         assert choose_moe_backend(get_format(name), "int4", recipe(), AUTO, HOPPER, everything, plain).backend == AUTO
+
+
+class _LinearNative:
+    """vLLM's side of one source's linears: records the linear backend its
+    kernel selection would read at construction and in ``create_weights``,
+    and refuses ``machete`` the way vLLM 0.26's ``choose_mp_linear_kernel``
+    does for a backend with no kernel for the layer (ValueError)."""
+
+    def __init__(self, kernel_config, fault=None):
+        self.kernel_config, self.fault, self.seen = kernel_config, fault, []
+
+    def get_quant_method(self, layer, prefix):
+        self.seen.append(("init", self.kernel_config.linear_backend))
+        native = self
+
+        class Method:
+            def create_weights(self, layer, **kwargs):
+                native.seen.append(("create_weights", native.kernel_config.linear_backend))
+                if native.fault:
+                    raise ValueError(native.fault)
+                if native.kernel_config.linear_backend == "machete":
+                    raise ValueError("--linear-backend=machete was requested but no 'machete' kernel exists")
+
+        return Method()
+
+
+def _linear_config(tiny_master, monkeypatch, kernels):
+    pytest.importorskip("vllm")
+    import vllm.config
+
+    from vllm_mixed.config import MixedPrecisionConfig
+
+    kernel_config = SimpleNamespace(linear_backend=AUTO)
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config", lambda: SimpleNamespace(kernel_config=kernel_config))
+    plan = build_plan(recipe_from_dict(_tiny_recipe(tiny_master) | {"kernels": kernels}))
+    return MixedPrecisionConfig(Composition.from_plan(plan)), kernel_config
+
+
+def test_a_recipe_linear_backend_holds_only_while_vllm_picks_the_kernel(tiny_master, monkeypatch):
+    config, kernel_config = _linear_config(tiny_master, monkeypatch, {"int4": {"linear_backend": "cutlass"}})
+    native = _LinearNative(kernel_config)
+    method, note = config._native_linear(native, None, "model.layers.0.self_attn.qkv_proj", "int4")
+    assert kernel_config.linear_backend == AUTO  # restored after construction
+    method.create_weights(layer=None, input_size=8)
+    assert native.seen == [("init", "cutlass"), ("create_weights", "cutlass")] and kernel_config.linear_backend == AUTO
+    assert note == " [linear backend asked: cutlass (recipe: kernels.int4.linear_backend)]"
+    plain = _LinearNative(kernel_config)  # another source: the engine's own setting, no note
+    _, note = config._native_linear(plain, None, "model.layers.0.self_attn.o_proj", "bf16")
+    assert plain.seen == [("init", AUTO)] and note == ""
+
+
+def test_a_linear_backend_vllm_refuses_names_the_recipe_key(tiny_master, monkeypatch):
+    config, kernel_config = _linear_config(tiny_master, monkeypatch, {"int4": {"linear_backend": "machete"}})
+    method, _ = config._native_linear(_LinearNative(kernel_config), None, "model.layers.0.mlp.down_proj", "int4")
+    with pytest.raises(MixedError, match=r"recipe kernels\.int4\.linear_backend: vLLM has no 'machete' linear kernel "
+                       r"for model\.layers\.0\.mlp\.down_proj"):  # fmt: skip
+        method.create_weights(layer=None)
+    assert kernel_config.linear_backend == AUTO
+    other, _ = config._native_linear(_LinearNative(kernel_config, "shape mismatch"), None, "x.down_proj", "int4")
+    with pytest.raises(ValueError, match="shape mismatch"):  # vLLM's other faults stay vLLM's
+        other.create_weights(layer=None)
