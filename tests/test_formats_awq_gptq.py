@@ -12,6 +12,7 @@ from unittest import mock
 import pytest
 import torch
 
+from tests.test_ct_vllm_params import SHAPES, described, one_rank  # noqa: F401 (one_rank: a fixture)
 from vllm_mixed.cli import main
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import detect_format
@@ -267,3 +268,27 @@ def test_make_tiny_writes_the_published_layouts(tmp_path: Path, capsys: pytest.C
     recipe.write_text(recipe.read_text().replace("default: bf16", "default: awq"))
     assert main(["plan", str(recipe)]) == 0
     assert "awq-int4-g128" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("qc", [GPTQ_QUANT_CONFIG, GPTQ_CHANNELWISE_QUANT_CONFIG], ids=["g128", "channelwise"])
+def test_gptq_fallback_registers_vllms_parameters(one_rank, qc: dict, shape: str) -> None:  # noqa: F811
+    """The fallback registers what vLLM's AutoGPTQLinearMethod registers: a
+    channelwise row-parallel shard keeps its one group of scales and zeros on
+    every rank (marlin_repeat_scales_on_all_ranks), not a share of them."""
+    import copy
+
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig, AutoGPTQLinearMethod
+
+    from vllm_mixed.methods.dequant_fallback import DequantFallbackLinearMethod
+
+    k, parts, input_size = SHAPES[shape]
+    theirs = torch.nn.Module()
+    theirs.tp_size = 1
+    AutoGPTQLinearMethod(AutoGPTQConfig.from_config(copy.deepcopy(qc))).create_weights(
+        layer=theirs, input_size_per_partition=k, output_partition_sizes=parts, input_size=input_size,
+        output_size=sum(parts), params_dtype=torch.bfloat16, weight_loader=None,
+    )  # fmt: skip
+    ours = torch.nn.Module()
+    DequantFallbackLinearMethod(GPTQ_INT4, qc).create_weights(ours, k, parts, input_size, sum(parts), torch.bfloat16)
+    assert described(ours) == described(theirs)

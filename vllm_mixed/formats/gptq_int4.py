@@ -270,18 +270,21 @@ class GptqInt4(Format):
     def linear_params(
         self, k: int, parts: list[int], input_size: int, quant_config: dict[str, Any] | None
     ) -> dict[str, LinearParam]:
-        """As AutoGPTQLinearMethod registers them (vLLM 0.26 with act-order:
-        scales and zeros of all K/g groups on every rank, ``g_idx`` split
-        along K, marlin_utils.marlin_repeat_scales_on_all_ranks)."""
-        g, p, n, i32 = group_size(quant_config), self.per_word, sum(parts), torch.int32
-        group = g if g != -1 else input_size
+        """As AutoGPTQLinearMethod registers them: the scales and zeros of all
+        groups on every rank with act-order (vLLM 0.26; ``g_idx`` split along
+        K) and for a channelwise row-parallel shard (one group spanning the
+        full input), as marlin_utils.marlin_repeat_scales_on_all_ranks says."""
+        p, n, i32 = self.per_word, sum(parts), torch.int32
+        group = group_length(quant_config, input_size)
         params = {"qweight": LinearParam((k // p, n), i32, "packed", 0, 1, packed_dim=0, packed_factor=p)}
-        if act_order(quant_config):
-            return params | {
+        if act_order(quant_config) or (group_size(quant_config) == -1 and k != input_size):
+            params |= {
                 "scales": LinearParam((input_size // group, n), None, "channel_scale", None, 1),
                 "qzeros": LinearParam((input_size // group, n // p), i32, "packed_column", None, 1, 1, p),
-                "g_idx": LinearParam((k,), i32, "row", 0, None, fill=-1),  # -1: never loaded (dequantize says so)
             }
+            if act_order(quant_config):  # -1: never loaded (dequantize says so)
+                params["g_idx"] = LinearParam((k,), i32, "row", 0, None, fill=-1)
+            return params
         return params | {
             "scales": LinearParam((k // group, n), None, "group_scale", input_dim=0, output_dim=1),
             "qzeros": LinearParam((k // group, n // p), i32, "packed", 0, 1, packed_dim=1, packed_factor=p),
