@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gpu_oracle import run, vs_reference  # noqa: E402  (its child process serves each row)
+from gpu_oracle import max_gap, run, vs_reference  # noqa: E402  (its child process serves each row)
 
 VARIANTS = {  # directory -> (format module object name, quantization_config factory arguments)
     "ct-w4a16-asym-g64": ("w4a16", {"group_size": 64, "symmetric": False}),
@@ -99,13 +99,7 @@ def main() -> None:
         stock = run(f"stock-{name}", directory, "auto", rows_dir)
         row = {"checkpoint": name, "ok": mixed["ok"] and stock["ok"]}
         if row["ok"]:
-            gap = max(
-                abs(pa[t][0] - pb[t][0])
-                for sa, sb in zip(mixed["teacher"], stock["teacher"], strict=True)
-                for pa, pb in zip(sa, sb, strict=True)
-                for t in set(pa) & set(pb)
-            )
-            row |= {"same_greedy": mixed["tokens"] == stock["tokens"], "max_teacher_logprob_diff": gap,
+            row |= {"same_greedy": mixed["tokens"] == stock["tokens"], "max_teacher_logprob_diff": max_gap(mixed, stock),
                     "methods": mixed["methods"], "kernels_mixed": mixed["kernels"],
                     "kernels_stock": stock["kernels"]}  # fmt: skip
         report["pure"].append(row)

@@ -23,16 +23,20 @@ pytestmark = [
 ORACLE = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_oracle.py"
 
 
-# every architecture's tiny model; the ones beyond Qwen3-MoE run stock vLLM's CUDA int4/FP8 MoE kernels only here
-@pytest.mark.parametrize("arch", ["qwen3-moe", "llama", "qwen2", "mixtral", "qwen2-moe"])
-def test_recipes_match_stock_vllm(tmp_path, arch):
+def _run(script: str, tmp_path: Path, *args: str) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ORACLE), "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--arch", arch],
+        [sys.executable, str(ORACLE.parent / script), "--out", str(tmp_path), "--work", str(tmp_path / "work"), *args],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# every architecture's tiny model; the ones beyond Qwen3-MoE run stock vLLM's CUDA int4/FP8 MoE kernels only here
+@pytest.mark.parametrize("arch", ["qwen3-moe", "llama", "qwen2", "mixtral", "qwen2-moe"])
+def test_recipes_match_stock_vllm(tmp_path, arch):
+    _run("gpu_oracle.py", tmp_path, "--arch", arch)
     rows = {r["recipe"]: r for r in json.loads((tmp_path / "oracle.json").read_text())["rows"]}
     for name in ("all-bf16", "all-fp8", "all-int4"):
         assert rows[name]["ok"] and rows[name]["same_greedy_as_stock"], rows[name]
@@ -43,29 +47,13 @@ def test_moe_backend_choice_matches_stock_vllm(tmp_path):
     """``gpu_oracle.py --kernels``: the plugin's own int4-expert backend, a
     recipe override and the user's --moe-backend each equal stock vLLM on the
     same backend; FP8 experts keep vLLM's choice beside Humming int4 experts."""
-    proc = subprocess.run(
-        [sys.executable, str(ORACLE), "--kernels", "--out", str(tmp_path), "--work", str(tmp_path / "work")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _run("gpu_oracle.py", tmp_path, "--kernels")
     rows = {r["row"]: r for r in json.loads((tmp_path / "kernels.json").read_text())["rows"]}
     for name in ("all-int4", "all-int4@user-marlin", "all-int4-recipe-marlin"):
         assert rows[name]["ok"] and rows[name]["same_greedy_as_oracle"], rows[name]
     assert rows["all-int4-recipe-marlin"]["moe_backends"] == ["MARLIN"], rows["all-int4-recipe-marlin"]
     assert set(rows["experts-fp8-int4"]["moe_backends"]) >= {"TRITON"}, rows["experts-fp8-int4"]
     assert rows["mix"]["top1_vs_fp32_ref"] >= 0.90 and rows["mix"]["worst_logprob_gap"] <= 0.15, rows["mix"]
-
-
-def _run(script: str, tmp_path: Path, *args: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ORACLE.parent / script), "--out", str(tmp_path), "--work", str(tmp_path / "work"), *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 def test_awq_actorder_int8_sources_match_stock_vllm(tmp_path):

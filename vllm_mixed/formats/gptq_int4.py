@@ -302,7 +302,7 @@ class GptqInt4(Format):
             )
         g, p = group_size(quant_config), self.per_word
         inter2 = w13_shards * inter
-        g13, g2 = (hidden // g, inter // g) if g != -1 else (1, 1)
+        g13, g2 = hidden // group_length(quant_config, hidden), inter // group_length(quant_config, inter)
         attrs = {"quant_method": "group" if g != -1 else "channel", "is_transposed": True}
         i32 = torch.int32
         return {
