@@ -11,6 +11,7 @@ from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -124,3 +125,29 @@ def tiny(tiny_master: Path, tmp_path: Path) -> TinyModel:
 @pytest.fixture
 def header_len() -> Callable[[Path], int]:
     return header_length
+
+
+# --- vLLM's parameter registration, compared with the fallback's ---------------------------------------------
+DIMS = ("input_dim", "output_dim", "packed_dim", "packed_factor")
+
+
+def described(layer: torch.nn.Module) -> dict[str, tuple]:
+    """Each parameter's vLLM class, shape, dtype and sharding dims."""
+    return {
+        name: (type(p).__name__, tuple(p.shape), p.dtype, tuple(getattr(p, f"_{d}", None) for d in DIMS))
+        for name, p in layer.named_parameters()
+    }
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """vLLM's current config and tensor-parallel group patched to one rank,
+    so its methods' ``create_weights`` run on a bare module."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+
+    config = VllmConfig()
+    config.model_config = mock.Mock(dtype=torch.bfloat16)
+    group = mock.Mock(world_size=1, rank_in_group=0)
+    with mock.patch.object(parallel_state, "get_tp_group", return_value=group), set_current_vllm_config(config):
+        yield

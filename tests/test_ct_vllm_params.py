@@ -7,11 +7,11 @@ parallel patched to one rank, against ``DequantFallbackLinearMethod``."""
 from __future__ import annotations
 
 import copy
-from unittest import mock
 
 import pytest
 import torch
 
+from tests.conftest import described
 from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_config
 from vllm_mixed.formats.ct_w4a16 import CT_W4A16, w4a16_config
 
@@ -25,26 +25,6 @@ CONFIGS = {
 }
 # (input per rank, output parts, full input): a fused column layer, a row-parallel shard
 SHAPES = {"qkv": (256, [512, 128, 128], 256), "row-shard": (256, [256], 512)}
-DIMS = ("input_dim", "output_dim", "packed_dim", "packed_factor")
-
-
-def described(layer: torch.nn.Module) -> dict[str, tuple]:
-    return {
-        name: (type(p).__name__, tuple(p.shape), p.dtype, tuple(getattr(p, f"_{d}", None) for d in DIMS))
-        for name, p in layer.named_parameters()
-    }
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state
-
-    config = VllmConfig()
-    config.model_config = mock.Mock(dtype=torch.bfloat16)
-    group = mock.Mock(world_size=1, rank_in_group=0)
-    with mock.patch.object(parallel_state, "get_tp_group", return_value=group), set_current_vllm_config(config):
-        yield
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))

@@ -12,7 +12,8 @@ from unittest import mock
 import pytest
 import torch
 
-from tests.test_ct_vllm_params import SHAPES, described, one_rank  # noqa: F401 (one_rank: a fixture)
+from tests.conftest import described
+from tests.test_ct_vllm_params import SHAPES
 from vllm_mixed.cli import main
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats import detect_format
@@ -272,7 +273,7 @@ def test_make_tiny_writes_the_published_layouts(tmp_path: Path, capsys: pytest.C
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("qc", [GPTQ_QUANT_CONFIG, GPTQ_CHANNELWISE_QUANT_CONFIG], ids=["g128", "channelwise"])
-def test_gptq_fallback_registers_vllms_parameters(one_rank, qc: dict, shape: str) -> None:  # noqa: F811
+def test_gptq_fallback_registers_vllms_parameters(one_rank, qc: dict, shape: str) -> None:
     """The fallback registers what vLLM's AutoGPTQLinearMethod registers: a
     channelwise row-parallel shard keeps its one group of scales and zeros on
     every rank (marlin_repeat_scales_on_all_ranks), not a share of them."""
