@@ -89,7 +89,12 @@ def run(
         moe_backend,
         "1" if ep else "0",
     ]
-    rc = run_isolated(argv, log, 400)
+    # at TP 1 the engine stays in the row's own process (no second vLLM import: ~10 s a row);
+    # ORACLE_MULTIPROC=1 restores vLLM's default engine-core process
+    env = dict(os.environ)
+    if tp == 1 and os.environ.get("ORACLE_MULTIPROC") != "1":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    rc = run_isolated(argv, log, float(os.environ.get("ORACLE_ROW_S", "400")), env)
     rc = "timeout" if rc is None else rc
     text = log.read_text()
     if rc != 0 or not out.exists():
@@ -166,6 +171,8 @@ def main() -> None:
                     "mix exported to compressed-tensors and served by stock vLLM")  # fmt: skip
     ap.add_argument("--arch", default=None, help="make-tiny --arch name (default: the tiny Qwen3-MoE)")
     ap.add_argument("--variants", action="store_true", help="the AWQ / act-order / int8 GPTQ sources instead")
+    ap.add_argument("--variant-recipes", default=",".join(VARIANT_RECIPES),
+                    help="with --variants: the recipes run (and the stock rows they are compared with)")  # fmt: skip
     ap.add_argument("--recipes", default="all-bf16,all-fp8,all-int4,mix",
                     help="the default check's recipes (and so their stock rows): e.g. all-fp8,all-int4,mix where the "
                     "CPU build already compared bf16")  # fmt: skip
@@ -176,7 +183,7 @@ def main() -> None:
 
     if args.variants:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        return variants_check(Path(args.out), Path(args.work))
+        return variants_check(Path(args.out), Path(args.work), args.variant_recipes.split(","))
 
     final, work = Path(args.out), Path(args.work)
     final.mkdir(parents=True, exist_ok=True)
@@ -384,9 +391,10 @@ def max_gap(a: dict, b: dict) -> float:
     return gap
 
 
-def variants_check(final: Path, work: Path) -> None:
+def variants_check(final: Path, work: Path, names: list[str]) -> None:
     """Stock vLLM on the AWQ / act-order / int8 checkpoints against the
-    plugin's pure recipes of each, and the mix against the reference."""
+    plugin's pure recipes of each, and the mix against the reference
+    (``names``: the recipes run; a pure one brings its stock row)."""
     import yaml
 
     from vllm_mixed.compose import compose
@@ -403,11 +411,15 @@ def variants_check(final: Path, work: Path) -> None:
     tiny = work / "tiny-variants"
     make_tiny(tiny, formats=(UNQUANTIZED, AWQ, act_order_tiny(), GPTQ_INT8))
     sources = {name: str(tiny / d) for name, d in VARIANT_SOURCES.items()}
+    unknown = set(names) - set(VARIANT_RECIPES)
+    if unknown:
+        raise SystemExit(f"unknown --variant-recipes {sorted(unknown)}: of {sorted(VARIANT_RECIPES)}")
+    recipes = {name: VARIANT_RECIPES[name] for name in names}
     results, rows = {}, []
     for name, directory in VARIANT_SOURCES.items():
-        if name != "bf16":
+        if any(default == name and not rules for default, rules in recipes.values()):
             results[f"stock-{name}"] = run(f"stock-{name}", tiny / directory, "auto", out_dir)
-    for name, (default, rules) in VARIANT_RECIPES.items():
+    for name, (default, rules) in recipes.items():
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump({"sources": sources, "base": "bf16", "default": default,
                                         "dtype": "bfloat16", "rules": rules}))  # fmt: skip

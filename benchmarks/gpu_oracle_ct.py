@@ -66,6 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/vllm-mixed-oracle-ct")
+    ap.add_argument("--checkpoints", default="ct-w4a16,ct-fp8," + ",".join(VARIANTS) + ",mix",
+                    help="the checkpoints whose pure recipe runs against stock vLLM, and mix: the mix's row")  # fmt: skip
     args = ap.parse_args()
     import yaml
 
@@ -92,8 +94,12 @@ def main() -> None:
                                         "dtype": "bfloat16", "rules": rules}))  # fmt: skip
         return build_plan(load_recipe(path))
 
+    chosen = args.checkpoints.split(",")
+    unknown = set(chosen) - {*dirs, "mix"}
+    if unknown:
+        raise SystemExit(f"unknown --checkpoints {sorted(unknown)}: of {sorted(dirs)} and mix")
     report = {"pure": [], "mix": None}
-    for name, directory in dirs.items():
+    for name, directory in [(n, d) for n, d in dirs.items() if n in chosen]:
         plan = plan_of(name, name, [])
         mixed = run(f"mixed-{name}", compose(plan, work / f"composed-{name}"), "mixed", rows_dir)
         stock = run(f"stock-{name}", directory, "auto", rows_dir)
@@ -107,8 +113,8 @@ def main() -> None:
              {"targets": ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"],
               "source": "ct-fp8"}]  # fmt: skip
     plan = plan_of("mix", "bf16", rules)
-    mix = run("mixed-mix", compose(plan, work / "composed-mix"), "mixed", rows_dir)
-    if mix["ok"]:
+    mix = run("mixed-mix", compose(plan, work / "composed-mix"), "mixed", rows_dir) if "mix" in chosen else {}
+    if mix.get("ok"):
         top1, worst = vs_reference(plan, mix["teacher"])
         report["mix"] = {"top1_vs_fp32_ref": top1, "worst_logprob_gap": worst, "methods": mix["methods"]}
     (final / "oracle_ct.json").write_text(json.dumps(report, indent=1))

@@ -1,35 +1,49 @@
 #!/usr/bin/env bash
 # The tiny-model oracles of the new sources and architectures, on the lent GPU, in one call:
-#   . benchmarks/device_setup.sh && bash benchmarks/gpu_oracle_suite.sh [JOBS ...]
-# JOBS (default: all): variants ct qwen2 mixtral qwen2-moe llama qwen3 (about 43 engine starts: split
-# them over two calls, e.g. `variants ct qwen2-moe` and `mixtral qwen2 llama qwen3`). Two run at a time: each
-# engine's first start of a kernel compiles its Triton kernels (~90 s on a fresh machine), and six
-# at once ran past 430 s. Each job's rows (teacher logprobs included) and logs go into ONE archive,
-# $OUT/oracles.tgz (the device returns only a handful of files), and its table is printed.
+#   . benchmarks/device_setup.sh && bash benchmarks/gpu_oracle_suite.sh [JOB ...]
+# JOB (default: all): variants ct int8 ct-rest qwen2 mixtral qwen2-moe llama qwen3, or ARCH=RECIPES
+# (e.g. llama=all-fp8,mix: only those recipes and their stock rows). int8: the 8-bit GPTQ pair and the
+# variants mix; ct-rest: the CT W4A16 pairs, the FP8 block pair and the CT mix (the rows the first H200
+# run did not finish). ORACLE_PARALLEL jobs run at once (default 3; each row is one process, the engine
+# inside it at TP 1). Every job ends by SUITE_S seconds after the start (default 540), so the archive is
+# written inside one device call; a job that is not started by then is listed as skipped. Each job's rows
+# (teacher logprobs included) and logs go into ONE archive, $OUT/oracles.tgz (the device returns only a
+# handful of files), and its table is printed.
 set -u
 jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(variants ct qwen2 mixtral qwen2-moe llama qwen3)
-limit=${ORACLE_JOB_S:-420}
+parallel=${ORACLE_PARALLEL:-3}
+deadline=$((SECONDS + ${SUITE_S:-540}))
+root=/tmp/oracle-suite
 run_job() {
-  local j=$1 a
+  local j=$1 left=$2 a d
   case $j in
     variants) a=(benchmarks/gpu_oracle.py --variants) ;;
+    int8) a=(benchmarks/gpu_oracle.py --variants --variant-recipes all-int8,mix-variants) ;;
     ct) a=(benchmarks/gpu_oracle_ct.py) ;;
+    ct-rest) a=(benchmarks/gpu_oracle_ct.py --checkpoints ct-w4a16,ct-w4a16-asym-g64,ct-fp8-block,mix) ;;
+    *=*) a=(benchmarks/gpu_oracle.py --arch "${j%%=*}" --recipes "${j#*=}") ;;
     *) a=(benchmarks/gpu_oracle.py --arch "$j" --recipes all-fp8,all-int4,mix) ;;  # bf16: compared on the CPU
   esac
-  mkdir -p "/tmp/oracle-suite/$j/out"
-  timeout "$limit" python3 "${a[@]}" --out "/tmp/oracle-suite/$j/out" --work "/tmp/oracle-suite/$j/work" \
-    > "/tmp/oracle-suite/$j/stdout.txt" 2>&1
-  echo "$j rc=$?" >> /tmp/oracle-suite/done.txt
+  d="$root/${j%%=*}"
+  mkdir -p "$d/out"
+  timeout "$left" python3 "${a[@]}" --out "$d/out" --work "$d/work" > "$d/stdout.txt" 2>&1
+  echo "$j rc=$? (limit ${left}s, ended at ${SECONDS}s)" >> "$root/done.txt"
 }
-mkdir -p /tmp/oracle-suite
-for ((i = 0; i < ${#jobs[@]}; i += 2)); do
-  run_job "${jobs[i]}" &
-  [ $((i + 1)) -lt ${#jobs[@]} ] && run_job "${jobs[i + 1]}" &
-  wait
+mkdir -p "$root"
+: > "$root/done.txt"
+for j in "${jobs[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n; done
+  left=$((deadline - SECONDS))
+  if [ "$left" -lt 60 ]; then echo "$j skipped: ${left}s left" >> "$root/done.txt"; continue; fi
+  run_job "$j" "$left" &
+  sleep 5  # the first imports of each job do not all land at once
 done
-cd /tmp/oracle-suite && tar czf "$OUT/oracles.tgz" done.txt */stdout.txt */out $(ls -d */work/*rows 2>/dev/null)
+wait
+cd "$root" && tar czf "$OUT/oracles.tgz" done.txt */stdout.txt */out $(ls -d */work/*rows 2>/dev/null)
 cat done.txt
 for j in "${jobs[@]}"; do
+  j=${j%%=*}
+  [ -f "$j/stdout.txt" ] || continue
   echo "== $j"
   grep -v '^INFO\|^WARNING\|^(EngineCore\|^(Worker\|^\[' "$j/stdout.txt" | grep -v '^\s*File\|^\s*\^' | tail -16 | cut -c1-240
 done

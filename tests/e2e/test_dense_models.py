@@ -50,11 +50,13 @@ def plan_of(root, tmp_path, default, rules=()):
     return build_plan(load_recipe(path))
 
 
-# Qwen3's bf16 and int4 paths are the Llama ones; its difference (q/k norms) is covered by its mix run. Qwen2's
-# q/k/v biases (fp16 in the GPTQ checkpoint) meet vLLM's own CPU int4 GEMM in its int4 run
+# Qwen3's q/k norms and Qwen2's q/k/v biases (fp16 in the GPTQ checkpoint) meet vLLM's own CPU int4 GEMM in their
+# int4 runs
 @pytest.mark.parametrize(
-    "arch,source,directory", [("llama", "bf16", "bf16"), ("llama", "int4", "gptq-int4"), ("qwen2", "int4", "gptq-int4")]
-)
+    "arch,source,directory",
+    [("llama", "bf16", "bf16"), ("llama", "int4", "gptq-int4"), ("qwen3", "int4", "gptq-int4"),
+     ("qwen2", "int4", "gptq-int4")],
+)  # fmt: skip
 def test_pure_recipe_equals_stock_vllm(tiny_root, tmp_path, arch, source, directory):
     root = tiny_root(arch)
     if source == "int4" and (why := cpu_fallback_reason("gptq_int4", "linear", GPTQ_QUANT_CONFIG)):
