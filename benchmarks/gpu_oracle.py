@@ -170,6 +170,8 @@ def main() -> None:
                     help="recipes run at TP N and their stock oracles; tp1: the mix at TP 1 too; mix-export: the "
                     "mix exported to compressed-tensors and served by stock vLLM")  # fmt: skip
     ap.add_argument("--arch", default=None, help="make-tiny --arch name (default: the tiny Qwen3-MoE)")
+    ap.add_argument("--repeat-stock", action="store_true",
+                    help="run each stock row twice: the kernels' run-to-run gap beside the plugin's gap to stock")  # fmt: skip
     ap.add_argument("--variants", action="store_true", help="the AWQ / act-order / int8 GPTQ sources instead")
     ap.add_argument("--variant-recipes", default=",".join(VARIANT_RECIPES),
                     help="with --variants: the recipes run (and the stock rows they are compared with)")  # fmt: skip
@@ -219,6 +221,13 @@ def main() -> None:
     }
     for name in recipes:
         results[name] = run(name, composed[name], "mixed", out_dir)
+    repeats = {}  # stock row -> its second run: the kernels' own run-to-run gap, beside the plugin's gap
+    for name, (row, directory, backend) in stock_rows.items():
+        if args.repeat_stock and name in recipes and results[row]["ok"]:
+            again = run(f"{row}-again", work / directory, "auto", out_dir, moe_backend=backend)
+            if again["ok"]:
+                repeats[row] = {"same_greedy": again["tokens"] == results[row]["tokens"],
+                                "max_logprob_gap": max_gap(again, results[row])}  # fmt: skip
 
     oracle = {"all-bf16": "stock-bf16", "all-fp8": "stock-fp8", "all-int4": "stock-gptq"}
     rows = []
@@ -231,6 +240,8 @@ def main() -> None:
             if name in oracle and oracle[name] in results and results[oracle[name]]["ok"]:
                 row["same_greedy_as_stock"] = r["tokens"] == results[oracle[name]]["tokens"]
                 row["max_logprob_gap_vs_stock"] = max_gap(r, results[oracle[name]])
+                if oracle[name] in repeats:
+                    row["stock_run_to_run"] = repeats[oracle[name]]
         rows.append(row)
     subprocess.run(["tar", "czf", str(final / "oracle-logs.tar.gz"), "-C", str(out_dir), "."], check=False)
     (final / "oracle.json").write_text(
@@ -253,6 +264,8 @@ def main() -> None:
             f"              {row.get('max_logprob_gap_vs_stock', '-')}"
         )
     for row in rows:
+        if "stock_run_to_run" in row:
+            print(f"  {row['recipe']}: stock's second run against its first: {row['stock_run_to_run']}")
         for m in row.get("methods", []):
             print(f"  {row['recipe']}: {m}")
     for name, r in results.items():

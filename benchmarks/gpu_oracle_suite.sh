@@ -2,7 +2,9 @@
 # The tiny-model oracles of the new sources and architectures, on the lent GPU, in one call:
 #   . benchmarks/device_setup.sh && bash benchmarks/gpu_oracle_suite.sh [JOB ...]
 # JOB (default: all): variants ct int8 ct-rest qwen2 mixtral qwen2-moe llama qwen3, or ARCH=RECIPES
-# (e.g. llama=all-fp8,mix: only those recipes and their stock rows). int8: the 8-bit GPTQ pair and the
+# (e.g. llama=all-fp8,mix: only those recipes and their stock rows); an ARCH job ending in @repeat also
+# runs each stock row twice (the kernels' run-to-run gap), @invariant the same with VLLM_BATCH_INVARIANT=1
+# (no split-K / stream-K atomics in vLLM's and Humming's kernels). int8: the 8-bit GPTQ pair and the
 # variants mix; ct-rest: the CT W4A16 pairs, the FP8 block pair and the CT mix (the rows the first H200
 # run did not finish). ORACLE_PARALLEL jobs run at once (default 3; each row is one process, the engine
 # inside it at TP 1). Every job ends by SUITE_S seconds after the start (default 540), so the archive is
@@ -15,7 +17,11 @@ parallel=${ORACLE_PARALLEL:-3}
 deadline=$((SECONDS + ${SUITE_S:-540}))
 root=/tmp/oracle-suite
 run_job() {
-  local j=$1 left=$2 a d
+  local j=$1 left=$2 a d e=()
+  case $j in
+    *@repeat) e=(ORACLE_EXTRA=--repeat-stock); j=${j%@repeat} ;;
+    *@invariant) e=(ORACLE_EXTRA=--repeat-stock VLLM_BATCH_INVARIANT=1); j=${j%@invariant} ;;
+  esac
   case $j in
     variants) a=(benchmarks/gpu_oracle.py --variants) ;;
     int8) a=(benchmarks/gpu_oracle.py --variants --variant-recipes all-int8,mix-variants) ;;
@@ -24,11 +30,13 @@ run_job() {
     *=*) a=(benchmarks/gpu_oracle.py --arch "${j%%=*}" --recipes "${j#*=}") ;;
     *) a=(benchmarks/gpu_oracle.py --arch "$j" --recipes all-fp8,all-int4,mix) ;;  # bf16: compared on the CPU
   esac
-  d="$root/${j%%=*}"
+  d="$root/$(job_dir "$1")"
   mkdir -p "$d/out"
-  timeout "$left" python3 "${a[@]}" --out "$d/out" --work "$d/work" > "$d/stdout.txt" 2>&1
-  echo "$j rc=$? (limit ${left}s, ended at ${SECONDS}s)" >> "$root/done.txt"
+  env "${e[@]}" bash -c 'timeout "$0" python3 "$@" $ORACLE_EXTRA' "$left" "${a[@]}" --out "$d/out" --work "$d/work" \
+    > "$d/stdout.txt" 2>&1
+  echo "$1 rc=$? (limit ${left}s, ended at ${SECONDS}s)" >> "$root/done.txt"
 }
+job_dir() { local j=${1%%=*}; case $1 in *@repeat) j+=-repeat ;; *@invariant) j+=-invariant ;; esac; echo "$j"; }
 mkdir -p "$root"
 : > "$root/done.txt"
 for j in "${jobs[@]}"; do
@@ -42,7 +50,7 @@ wait
 cd "$root" && tar czf "$OUT/oracles.tgz" done.txt */stdout.txt */out $(ls -d */work/*rows 2>/dev/null)
 cat done.txt
 for j in "${jobs[@]}"; do
-  j=${j%%=*}
+  j=$(job_dir "$j")
   [ -f "$j/stdout.txt" ] || continue
   echo "== $j"
   grep -v '^INFO\|^WARNING\|^(EngineCore\|^(Worker\|^\[' "$j/stdout.txt" | grep -v '^\s*File\|^\s*\^' | tail -16 | cut -c1-240

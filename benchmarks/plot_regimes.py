@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""One panel per regime of a ``gpu_regimes.py`` results file: weight memory
+"""One panel per regime of ``gpu_regimes.py`` results files: weight memory
 (as vLLM reports it) against output tok/s for every row that has a number in
 that regime (batch 1 as 1000 / ms per token). Panels are drawn with the
 plotter of ``vllm-mixed bench`` (matplotlib or Pillow) and set side by side
-with Pillow.
+with Pillow. Several files (each a list of rows, or ``{"rows": [...]}``) are
+merged: give one call's file per regime, so that a panel compares rows timed
+in one call.
 
-Usage: python benchmarks/plot_regimes.py benchmarks/results/regimes-h200-2026-12-02.json OUT.png [TITLE]
+Usage: python benchmarks/plot_regimes.py RESULTS.json [RESULTS.json ...] OUT.png
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ LABELS = {"stock-fp8": "stock FP8", "stock-bf16": "stock BF16", "stock-gptq": "s
           "mix-b": "mix B"}  # fmt: skip
 
 
-def main(results: str, png: str, title: str = "Qwen3-30B-A3B shape, H200, vLLM 0.26") -> None:
+def read_rows(path: str) -> list[dict]:
+    data = json.loads(Path(path).read_text())
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def main(results: list[str], png: str, title: str = "Qwen3-30B-A3B shape, H200, vLLM 0.26") -> None:
     from PIL import Image
 
     from vllm_mixed.plot import PLOT_SIZE, write_plot
 
-    rows = json.loads(Path(results).read_text())
+    rows = [row for path in results for row in read_rows(path)]
     panels = []
     with tempfile.TemporaryDirectory() as tmp:
         for regime, (name, read) in PANELS.items():
@@ -49,7 +56,7 @@ def main(results: str, png: str, title: str = "Qwen3-30B-A3B shape, H200, vLLM 0
                 panels.append(Image.open(out).convert("RGB"))
                 print(f"{regime}: " + ", ".join(f"{lab} {w:.2f} GiB {y:.0f} tok/s" for lab, w, y in points))
         if not panels:
-            raise SystemExit(f"{results}: no row has a number in any regime")
+            raise SystemExit(f"{', '.join(results)}: no row has a number in any regime")
         canvas = Image.new(
             "RGB", (PLOT_SIZE[0] * min(2, len(panels)), PLOT_SIZE[1] * ((len(panels) + 1) // 2)), "white"
         )
@@ -59,4 +66,6 @@ def main(results: str, png: str, title: str = "Qwen3-30B-A3B shape, H200, vLLM 0
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if len(sys.argv) < 3 or not sys.argv[-1].endswith(".png"):
+        raise SystemExit("usage: plot_regimes.py RESULTS.json [RESULTS.json ...] OUT.png")
+    main(sys.argv[1:-1], sys.argv[-1])
