@@ -185,7 +185,7 @@ def main() -> None:
 
     if args.variants:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        return variants_check(Path(args.out), Path(args.work), args.variant_recipes.split(","))
+        return variants_check(Path(args.out), Path(args.work), args.variant_recipes.split(","), args.arch)
 
     final, work = Path(args.out), Path(args.work)
     final.mkdir(parents=True, exist_ok=True)
@@ -404,10 +404,12 @@ def max_gap(a: dict, b: dict) -> float:
     return gap
 
 
-def variants_check(final: Path, work: Path, names: list[str]) -> None:
-    """Stock vLLM on the AWQ / act-order / int8 checkpoints against the
-    plugin's pure recipes of each, and the mix against the reference
-    (``names``: the recipes run; a pure one brings its stock row)."""
+def variants_check(final: Path, work: Path, names: list[str], arch: str | None = None) -> None:
+    """Stock vLLM on the AWQ / act-order / int8 checkpoints of the tiny
+    ``arch`` (default Qwen3-MoE) against the plugin's pure recipes of each,
+    and the mix (its experts or MLP AWQ, q/k/v act-order, o_proj int8)
+    against the reference (``names``: the recipes run; a pure one brings its
+    stock row)."""
     import yaml
 
     from vllm_mixed.compose import compose
@@ -415,6 +417,8 @@ def variants_check(final: Path, work: Path, names: list[str]) -> None:
     from vllm_mixed.formats.awq import AWQ
     from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
     from vllm_mixed.formats.gptq_variants import act_order_tiny
+    from vllm_mixed.models import model_named
+    from vllm_mixed.models.qwen3_moe import QWEN3_MOE
     from vllm_mixed.plan import build_plan
     from vllm_mixed.recipe import load_recipe
     from vllm_mixed.tiny import make_tiny
@@ -422,7 +426,8 @@ def variants_check(final: Path, work: Path, names: list[str]) -> None:
     out_dir = work / "variant-rows"
     out_dir.mkdir(parents=True, exist_ok=True)
     tiny = work / "tiny-variants"
-    make_tiny(tiny, formats=(UNQUANTIZED, AWQ, act_order_tiny(), GPTQ_INT8))
+    make_tiny(tiny, arch=arch, formats=(UNQUANTIZED, AWQ, act_order_tiny(), GPTQ_INT8))
+    experts_or_mlp = list((model_named(arch) if arch else QWEN3_MOE).tiny_rules[0]["targets"])
     sources = {name: str(tiny / d) for name, d in VARIANT_SOURCES.items()}
     unknown = set(names) - set(VARIANT_RECIPES)
     if unknown:
@@ -433,6 +438,7 @@ def variants_check(final: Path, work: Path, names: list[str]) -> None:
         if any(default == name and not rules for default, rules in recipes.values()):
             results[f"stock-{name}"] = run(f"stock-{name}", tiny / directory, "auto", out_dir)
     for name, (default, rules) in recipes.items():
+        rules = [dict(r, targets=experts_or_mlp) if r["source"] == "awq" else r for r in rules]
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump({"sources": sources, "base": "bf16", "default": default,
                                         "dtype": "bfloat16", "rules": rules}))  # fmt: skip

@@ -3,19 +3,19 @@
 CPU build cannot run here (MoE experts in CT W4A16 / FP8 have no CPU kernel
 without AMX; FP8 block linears neither).
 
-Writes the tiny Qwen3-MoE in CT W4A16 (group 128, symmetric), CT FP8
-(per-channel weights, dynamic per-token activations: ``make-tiny``'s
-``ct-fp8``), and three more CT variants written with the project's writers
+Writes the tiny model (``--arch``, default Qwen3-MoE) in CT W4A16 (group
+128, symmetric), CT FP8 (per-channel weights, dynamic per-token activations)
+and the three other published CT layouts ``make-tiny --formats`` writes
 (W4A16 asymmetric group 64, FP8 per-tensor with static activations, FP8
 block 128x128), then runs stock vLLM on each directory and the plugin's
 pure recipe of each (``load_format="mixed"``), each in its own process.
 Checks: identical greedy tokens and teacher-forced logprobs within 1e-5
 (the same vLLM kernels), the methods the plugin logged; and the mix
-(experts CT W4A16, attention CT FP8, rest BF16) against the float32
+(experts or MLP CT W4A16, attention CT FP8, rest BF16) against the float32
 reference (FP8 activations are quantized on the GPU: tolerance, not
 identity).
 
-Usage (device, after the bundle's env.sh): python3 benchmarks/gpu_oracle_ct.py --out $OUT
+Usage (device, after the bundle's env.sh): python3 benchmarks/gpu_oracle_ct.py --out $OUT [--arch NAME]
 """
 
 from __future__ import annotations
@@ -30,51 +30,25 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from gpu_oracle import max_gap, run, vs_reference  # noqa: E402  (its child process serves each row)
 
-VARIANTS = {  # directory -> (format module object name, quantization_config factory arguments)
-    "ct-w4a16-asym-g64": ("w4a16", {"group_size": 64, "symmetric": False}),
-    "ct-fp8-tensor-static": ("fp8", {"weights": "tensor", "activations": "static"}),
-    "ct-fp8-block": ("fp8", {"weights": "block"}),
-}
-
-
-def write_variants(tiny: Path) -> dict[str, Path]:
-    """The extra CT checkpoints of the same master weights (make-tiny's seed)."""
-    from vllm_mixed.checkpoint_writer import write_checkpoint
-    from vllm_mixed.formats import FORMATS
-    from vllm_mixed.formats.ct_fp8 import fp8_config
-    from vllm_mixed.formats.ct_w4a16 import w4a16_config
-    from vllm_mixed.tiny import TINY_CONFIG, checkpoint_config, checkpoint_tensors, master_weights, write_tokenizer
-
-    master = master_weights(dict(TINY_CONFIG), 0)
-    out = {}
-    for name, (kind, kwargs) in VARIANTS.items():
-        base = FORMATS["ct_w4a16" if kind == "w4a16" else "ct_fp8"]
-        qc = w4a16_config(**kwargs) if kind == "w4a16" else fp8_config(**kwargs)
-
-        class Variant(type(base)):  # the same format with another published quantization_config
-            tiny = type(base.tiny)(name, qc, base.tiny.float_dtype, name)
-
-        fmt = Variant()
-        write_checkpoint(tiny / name, checkpoint_tensors(dict(TINY_CONFIG), master, fmt),
-                         checkpoint_config(dict(TINY_CONFIG), fmt), 2 * 2**20)  # fmt: skip
-        write_tokenizer(tiny / name)
-        out[name] = tiny / name
-    return out
+CT_VARIANTS = ("ct-w4a16-asym-g64", "ct-fp8-tensor-static", "ct-fp8-block")  # make-tiny directories
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/vllm-mixed-oracle-ct")
-    ap.add_argument("--checkpoints", default="ct-w4a16,ct-fp8," + ",".join(VARIANTS) + ",mix",
+    ap.add_argument("--arch", default=None, help="make-tiny --arch name (default: the tiny Qwen3-MoE)")
+    ap.add_argument("--checkpoints", default="ct-w4a16,ct-fp8," + ",".join(CT_VARIANTS) + ",mix",
                     help="the checkpoints whose pure recipe runs against stock vLLM, and mix: the mix's row")  # fmt: skip
     args = ap.parse_args()
     import yaml
 
     from vllm_mixed.compose import compose
-    from vllm_mixed.formats import UNQUANTIZED
+    from vllm_mixed.formats import TINY_VARIANTS, UNQUANTIZED
     from vllm_mixed.formats.ct_fp8 import CT_FP8
     from vllm_mixed.formats.ct_w4a16 import CT_W4A16
+    from vllm_mixed.models import model_named
+    from vllm_mixed.models.qwen3_moe import QWEN3_MOE
     from vllm_mixed.plan import build_plan
     from vllm_mixed.recipe import load_recipe
     from vllm_mixed.tiny import make_tiny
@@ -84,8 +58,9 @@ def main() -> None:
     rows_dir = work / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     tiny = work / "tiny"
-    make_tiny(tiny, formats=(UNQUANTIZED, CT_W4A16, CT_FP8))
-    dirs = {"ct-w4a16": tiny / "ct-w4a16", "ct-fp8": tiny / "ct-fp8", **write_variants(tiny)}
+    variants = tuple(f for f in TINY_VARIANTS if f.tiny.directory in CT_VARIANTS)
+    written = make_tiny(tiny, arch=args.arch, formats=(UNQUANTIZED, CT_W4A16, CT_FP8, *variants))
+    dirs = {name: written[name] for name in ("ct-w4a16", "ct-fp8", *CT_VARIANTS)}
     sources = {"bf16": str(tiny / "bf16"), **{k: str(v) for k, v in dirs.items()}}
 
     def plan_of(name: str, default: str, rules: list) -> object:
@@ -109,7 +84,8 @@ def main() -> None:
                     "methods": mixed["methods"], "kernels_mixed": mixed["kernels"],
                     "kernels_stock": stock["kernels"]}  # fmt: skip
         report["pure"].append(row)
-    rules = [{"targets": ["model.layers.*.mlp.experts"], "source": "ct-w4a16"},
+    spec = model_named(args.arch) if args.arch else QWEN3_MOE  # its experts (or MLP) in W4A16, attention in FP8
+    rules = [{"targets": list(spec.tiny_rules[0]["targets"]), "source": "ct-w4a16"},
              {"targets": ["model.layers.*.self_attn.qkv_proj", "model.layers.*.self_attn.o_proj"],
               "source": "ct-fp8"}]  # fmt: skip
     plan = plan_of("mix", "bf16", rules)

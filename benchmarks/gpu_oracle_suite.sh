@@ -10,7 +10,8 @@
 # inside it at TP 1). Every job ends by SUITE_S seconds after the start (default 540), so the archive is
 # written inside one device call; a job that is not started by then is listed as skipped. Each job's rows
 # (teacher logprobs included) and logs go into ONE archive, $OUT/oracles.tgz (the device returns only a
-# handful of files), and its table is printed.
+# handful of files), and its table is printed. variants, int8, ct and ct-rest take :ARCH (e.g. ct:mixtral): the
+# same checks on that make-tiny architecture (default Qwen3-MoE).
 set -u
 jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(variants ct qwen2 mixtral qwen2-moe llama qwen3)
 parallel=${ORACLE_PARALLEL:-3}
@@ -22,11 +23,13 @@ run_job() {
     *@repeat) e=(ORACLE_EXTRA=--repeat-stock); j=${j%@repeat} ;;
     *@invariant) e=(ORACLE_EXTRA=--repeat-stock VLLM_BATCH_INVARIANT=1); j=${j%@invariant} ;;
   esac
+  local arch=()
+  case $j in *:*) arch=(--arch "${j#*:}"); j=${j%%:*} ;; esac
   case $j in
-    variants) a=(benchmarks/gpu_oracle.py --variants) ;;
-    int8) a=(benchmarks/gpu_oracle.py --variants --variant-recipes all-int8,mix-variants) ;;
-    ct) a=(benchmarks/gpu_oracle_ct.py) ;;
-    ct-rest) a=(benchmarks/gpu_oracle_ct.py --checkpoints ct-w4a16,ct-w4a16-asym-g64,ct-fp8-block,mix) ;;
+    variants) a=(benchmarks/gpu_oracle.py --variants "${arch[@]}") ;;
+    int8) a=(benchmarks/gpu_oracle.py --variants --variant-recipes all-int8,mix-variants "${arch[@]}") ;;
+    ct) a=(benchmarks/gpu_oracle_ct.py "${arch[@]}") ;;
+    ct-rest) a=(benchmarks/gpu_oracle_ct.py --checkpoints ct-w4a16,ct-w4a16-asym-g64,ct-fp8-block,mix "${arch[@]}") ;;
     *=*) a=(benchmarks/gpu_oracle.py --arch "${j%%=*}" --recipes "${j#*=}") ;;
     *) a=(benchmarks/gpu_oracle.py --arch "$j" --recipes all-fp8,all-int4,mix) ;;  # bf16: compared on the CPU
   esac
@@ -36,7 +39,7 @@ run_job() {
     > "$d/stdout.txt" 2>&1
   echo "$1 rc=$? (limit ${left}s, ended at ${SECONDS}s)" >> "$root/done.txt"
 }
-job_dir() { local j=${1%%=*}; case $1 in *@repeat) j+=-repeat ;; *@invariant) j+=-invariant ;; esac; echo "$j"; }
+job_dir() { local j=${1%%=*}; j=${j/:/-}; case $1 in *@repeat) j+=-repeat ;; *@invariant) j+=-invariant ;; esac; echo "$j"; }
 mkdir -p "$root"
 : > "$root/done.txt"
 for j in "${jobs[@]}"; do

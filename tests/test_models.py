@@ -88,6 +88,50 @@ def test_make_tiny_formats_option(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "--formats 'exl2': unknown ['exl2']" in capsys.readouterr().err
 
 
+def test_make_tiny_writes_the_other_published_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--formats`` by directory name writes the other published layouts of
+    registered formats (act-order and channelwise GPTQ, CT W4A16 group 64
+    asymmetric, CT FP8 per-tensor static and block): each config says so,
+    its headers hold the tensors only that layout has, and plan reads each."""
+    import json
+
+    from vllm_mixed.safetensors_header import read_header
+
+    names = "gptq-int4-actorder,gptq-int4-channel,ct-w4a16-asym-g64,ct-fp8-tensor-static,ct-fp8-block"
+    assert main(["make-tiny", str(tmp_path / "t"), "--arch", "mixtral", "--formats", f"bf16,{names}"]) == 0
+    capsys.readouterr()
+    root = tmp_path / "t"
+
+    def qc(d: str) -> dict:
+        return json.loads((root / d / "config.json").read_text())["quantization_config"]
+
+    def tensors(d: str) -> dict:
+        return {k: v for f in sorted((root / d).glob("*.safetensors")) for k, v in read_header(f).items()}
+
+    assert (qc("gptq-int4-actorder")["desc_act"], qc("gptq-int4-channel")["group_size"]) == (True, -1)
+    (w4,) = qc("ct-w4a16-asym-g64")["config_groups"].values()
+    assert (w4["weights"]["group_size"], w4["weights"]["symmetric"]) == (64, False)
+    (static,) = qc("ct-fp8-tensor-static")["config_groups"].values()
+    assert (static["weights"]["strategy"], static["input_activations"]["dynamic"]) == ("tensor", False)
+    (block,) = qc("ct-fp8-block")["config_groups"].values()
+    assert (block["weights"]["strategy"], block["weights"]["block_structure"]) == ("block", [128, 128])
+    expert = "model.layers.0.block_sparse_moe.experts.0.w1"
+    assert f"{expert}.g_idx" in tensors("gptq-int4-actorder")
+    assert f"{expert}.weight_zero_point" in tensors("ct-w4a16-asym-g64")
+    assert f"{expert}.input_scale" in tensors("ct-fp8-tensor-static")
+    out_f, in_f = tensors("ct-fp8-block")[f"{expert}.weight"].shape
+    assert tensors("ct-fp8-block")[f"{expert}.weight_scale"].shape == (-(-out_f // 128), -(-in_f // 128))
+    recipe = (root / "recipe.yaml").read_text()
+    for source in ("int4a", "int4c", "ctint4a", "ctfp8s", "ctfp8b"):
+        assert f"  {source}: " in recipe
+        body = recipe.replace("default: bf16", f"default: {source}")
+        (root / f"{source}.yaml").write_text(body)
+        plan = build_plan(load_recipe(root / f"{source}.yaml"))
+        assert {p.format for p in plan.layers if p.layer.kind == "experts"} == {
+            "gptq_int4" if source.startswith("int4") else "ct_w4a16" if source == "ctint4a" else "ct_fp8"
+        }, source
+
+
 def test_qwen2_biases_are_float_members_in_every_format(tmp_path: Path) -> None:
     """Qwen2's q/k/v biases: members with ``bias``, planned from every
     source in that checkpoint's float dtype (fp16 beside GPTQ, bf16 beside

@@ -56,11 +56,15 @@ def test_moe_backend_choice_matches_stock_vllm(tmp_path):
     assert rows["mix"]["top1_vs_fp32_ref"] >= 0.90 and rows["mix"]["worst_logprob_gap"] <= 0.15, rows["mix"]
 
 
-def test_awq_actorder_int8_sources_match_stock_vllm(tmp_path):
-    """``gpu_oracle.py --variants``: each pure recipe equals stock vLLM on its
-    checkpoint (measured on the H200: identical for AWQ and act-order); the mix
-    stays within tolerance of the float reference."""
-    _run("gpu_oracle.py", tmp_path, "--variants")
+VARIANT_ARCHS = ["qwen3-moe", "mixtral", "qwen2-moe", "llama"]  # the MoE experts run on vLLM's CUDA kernels only here
+
+
+@pytest.mark.parametrize("arch", VARIANT_ARCHS)
+def test_awq_actorder_int8_sources_match_stock_vllm(tmp_path, arch):
+    """``gpu_oracle.py --variants --arch``: each pure recipe equals stock vLLM
+    on its checkpoint (measured on the H200 for Qwen3-MoE: identical for AWQ,
+    act-order and int8); the mix stays within tolerance of the float reference."""
+    _run("gpu_oracle.py", tmp_path, "--variants", "--arch", arch)
     rows = {r["recipe"]: r for r in json.loads((tmp_path / "variants.json").read_text())["rows"]}
     for name in ("all-awq", "all-int4-actorder", "all-int8"):
         row = rows[name]
@@ -69,11 +73,13 @@ def test_awq_actorder_int8_sources_match_stock_vllm(tmp_path):
     assert mix["top1_vs_fp32_ref"] >= 0.90 and mix["worst_logprob_gap"] <= 0.15, mix
 
 
-def test_compressed_tensors_sources_match_stock_vllm(tmp_path):
-    """``gpu_oracle_ct.py``: the plugin on each CT checkpoint (W4A16 group and
-    asymmetric, FP8 per-channel, per-tensor static and block) equals stock vLLM
-    on it (measured on the H200: max |Δ| 2.6e-5 for per-channel FP8)."""
-    _run("gpu_oracle_ct.py", tmp_path)
+@pytest.mark.parametrize("arch", VARIANT_ARCHS)
+def test_compressed_tensors_sources_match_stock_vllm(tmp_path, arch):
+    """``gpu_oracle_ct.py --arch``: the plugin on each CT checkpoint (W4A16
+    group and asymmetric, FP8 per-channel, per-tensor static and block) equals
+    stock vLLM on it (measured on the H200 for Qwen3-MoE: max |Δ| 2.6e-5 for
+    per-channel FP8, 0 for the others)."""
+    _run("gpu_oracle_ct.py", tmp_path, "--arch", arch)
     report = json.loads((tmp_path / "oracle_ct.json").read_text())
     for row in report["pure"]:
         assert row["ok"] and row["same_greedy"] and row["max_teacher_logprob_diff"] <= 1e-4, row

@@ -19,7 +19,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", help="architecture (default qwen3-moe); an unknown name lists the supported ones")
     p.add_argument(
-        "--formats", help="comma-separated formats to write, by format name or directory (default: bf16,fp8,gptq-int4)"
+        "--formats",
+        help="comma-separated formats to write, by format name or directory (default: bf16,fp8,gptq-int4; "
+        "other published configs by directory: gptq-int4-actorder, gptq-int4-channel, ct-w4a16-asym-g64, "
+        "ct-fp8-tensor-static, ct-fp8-block)",
     )
     p.add_argument(
         "--trained", action="store_true",
@@ -33,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from vllm_mixed.errors import MixedError
-    from vllm_mixed.formats import FORMATS, TINY_FORMATS
+    from vllm_mixed.formats import FORMATS, TINY_FORMATS, TINY_VARIANTS
     from vllm_mixed.tiny import make_tiny
 
     if args.trained:
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     formats = TINY_FORMATS
     if args.formats:
         known = {f.name: f for f in FORMATS.values() if f.tiny} | {
-            f.tiny.directory: f for f in FORMATS.values() if f.tiny
+            f.tiny.directory: f for f in (*FORMATS.values(), *TINY_VARIANTS) if f.tiny
         }
         wanted = [w.strip() for w in args.formats.split(",") if w.strip()]
         unknown = [w for w in wanted if w not in known]

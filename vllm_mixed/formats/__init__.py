@@ -13,16 +13,17 @@ from typing import Any
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats.awq import AWQ
 from vllm_mixed.formats.base import Format, TensorSpec
-from vllm_mixed.formats.ct_fp8 import CT_FP8
-from vllm_mixed.formats.ct_w4a16 import CT_W4A16
+from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_tiny
+from vllm_mixed.formats.ct_w4a16 import CT_W4A16, w4a16_tiny
 from vllm_mixed.formats.fp8_block import FP8_BLOCK
 from vllm_mixed.formats.gptq_int4 import GPTQ_INT4
 from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
+from vllm_mixed.formats.gptq_variants import act_order_tiny, channelwise_tiny
 from vllm_mixed.formats.unquantized import UNQUANTIZED
 
 __all__ = [
-    "FORMATS", "FORMAT_NAMES", "TINY_FORMATS", "UNQUANTIZED", "Format", "TensorSpec", "detect_format", "get_format",
-    "register_format",
+    "FORMATS", "FORMAT_NAMES", "TINY_FORMATS", "TINY_VARIANTS", "UNQUANTIZED", "Format", "TensorSpec", "detect_format",
+    "get_format", "register_format",
 ]  # fmt: skip
 
 FORMATS: dict[str, Format] = {}
@@ -47,6 +48,13 @@ register_format(CT_FP8)
 FORMAT_NAMES = tuple(FORMATS)
 # what `make-tiny` writes by default, in this order
 TINY_FORMATS: tuple[Format, ...] = (UNQUANTIZED, FP8_BLOCK, GPTQ_INT4)
+# the other published configs of registered formats that `make-tiny --formats` writes, by directory name
+TINY_VARIANTS: tuple[Format, ...] = (
+    act_order_tiny(), channelwise_tiny(),
+    w4a16_tiny("ct-w4a16-asym-g64", "ctint4a", group_size=64, symmetric=False),
+    fp8_tiny("ct-fp8-tensor-static", "ctfp8s", weights="tensor", activations="static"),
+    fp8_tiny("ct-fp8-block", "ctfp8b", weights="block"),
+)  # fmt: skip
 
 
 def get_format(name: str) -> Format:
