@@ -15,7 +15,9 @@ an engine of its own. Models, engine flags and row names (``@humming``,
 
 ``--profile ROWS``: after the timings those rows run two profiled windows
 with vLLM's own torch profiler (``profiler_config``): 48 decode steps at
-batch 1, and 32 prompts of 1024 tokens with 8 out (prefill). The top of
+batch 1, 32 prompts of 1024 tokens with 8 out (prefill), and 256 prompts of
+16 tokens with 32 out (decode-heavy: mostly decode steps of 256 sequences,
+about 16 tokens per expert). The top of
 each kernel table (self CUDA time) goes into the row.
 
 ``--tp N`` / ``--ep``: every row at that layout (the multi-GPU issue), with
@@ -127,6 +129,8 @@ def child(model: str, spec: str, regimes: str, out: str, profile: str) -> None:
         res["profile_batch1"] = profile_window(llm, pdir, 1, 32, 48)
         res["profile_prefill"] = profile_window(llm, pdir, 32, 1024, 8)
         save()
+        res["profile_decode"] = profile_window(llm, pdir, 256, 16, 32)
+        save()
     llm.llm_engine.engine_core.shutdown()
 
 
@@ -205,7 +209,7 @@ def main() -> None:
         print(f"{r['row']:22s}{b1!s:>10}{cols[0]!s:>9}{cols[1]!s:>9}{cols[2]!s:>9}{r.get('max_concurrency') or '-'!s:>7}"
               f"{r.get('weights_gib') or '-'!s:>7}  {r.get('init_s', '-')}/{r.get('wall_s', r['rc'])}")  # fmt: skip
     for r in rows:
-        for key in ("profile_batch1", "profile_prefill"):
+        for key in ("profile_batch1", "profile_prefill", "profile_decode"):
             if r.get(key):
                 print(f"\n{r['row']} {key}:\n" + "\n".join(r[key][:16]))
 
