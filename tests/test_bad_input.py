@@ -448,3 +448,56 @@ def test_ct_fused_layer_partly_ignored(ct: Any, capsys: pytest.CaptureFixture[st
     assert "fused layer 'model.layers.0.self_attn.qkv_proj' is partly quantized" in err
     assert "ignored or untargeted: model.layers.0.self_attn.k_proj" in err
     assert "Fix the checkpoint's ignore/targets, or route the layer to another source" in err
+
+
+def test_gptq_dynamic_rule_giving_another_precision(variants: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """GPTQModel's positive ``dynamic`` override (8-bit MLP in a 4-bit
+    checkpoint): a source holds one precision here; the rule is named."""
+    qc = variants.config("gptq-int4-actorder")["quantization_config"]
+    variants.set_config("gptq-int4-actorder", quantization_config={**qc, "dynamic": {r"+:.*mlp\..*": {"bits": 8}}})
+    err = fails(capsys, variants.recipe())
+    assert "unsupported GPTQ checkpoint: dynamic rule '.*mlp\\\\..*' gives the modules it matches another " in err
+    assert "precision ({'bits': 8}); a source has one precision here" in err
+
+
+def test_gptq_dynamic_rule_on_one_fused_member(variants: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """A negative rule naming q_proj only: vLLM matches the fused qkv_proj
+    and would read it quantized, so the checkpoint cannot be served."""
+    qc = variants.config("gptq-int4-actorder")["quantization_config"]
+    variants.set_config(
+        "gptq-int4-actorder", quantization_config={**qc, "dynamic": {r"-:.*\.0\.self_attn\.q_proj": {}}}
+    )
+    err = fails(capsys, variants.recipe(default="int4a"))
+    assert (
+        "dynamic rule '-:.*\\.0\\.self_attn\\.q_proj' leaves 'model.layers.0.self_attn.q_proj' unquantized but " in err
+    )
+    assert "not the fused layer 'model.layers.0.self_attn.qkv_proj' it belongs to" in err
+
+
+def test_gptq_dynamic_negative_rule_reads_the_layer_in_float(variants: Any) -> None:
+    """A negative rule on a whole vLLM layer (GPTQModel leaves it in float):
+    the plan reads that layer's float weight from the GPTQ source, and a
+    GPTQ qweight still there is not what it asks for."""
+    import torch
+
+    from vllm_mixed.plan import build_plan
+    from vllm_mixed.recipe import load_recipe
+
+    qc = variants.config("gptq-int4-actorder")["quantization_config"]
+    variants.set_config("gptq-int4-actorder", quantization_config={**qc, "dynamic": {r"-:.*\.1\.mlp\.down_proj": {}}})
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    name, src = "model.layers.1.mlp.down_proj", "gptq-int4-actorder"
+    weight = load_file(variants.shard_of("bf16", f"{name}.weight"))[f"{name}.weight"].to(torch.float16)
+    shard = variants.shard_of(src, f"{name}.qweight")
+    tensors = {k: v for k, v in load_file(shard).items() if not k.startswith(f"{name}.")}
+    save_file({**tensors, f"{name}.weight": weight}, shard, metadata={"format": "pt"})
+    index = variants.index(src)
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith(f"{name}.")}
+    index["weight_map"][f"{name}.weight"] = shard.name
+    (variants.src(src) / "model.safetensors.index.json").write_text(json.dumps(index))
+    plan = build_plan(load_recipe(variants.recipe(default="int4a")))
+    formats = {p.layer.name: p.format for p in plan.layers}
+    assert formats[name] == "unquantized" and formats["model.layers.1.mlp.gate_up_proj"] == "gptq_int4"

@@ -233,8 +233,33 @@ def test_specs_and_fallback_params() -> None:
     assert (p["g_idx"].kind, p["g_idx"].shape) == ("row", (128,))
     assert (p["scales"].kind, p["scales"].shape) == ("channel_scale", (2, 64))  # every group on every rank
     assert GPTQ_INT8.linear_params(128, [64], 128, GPTQ_INT8_QUANT_CONFIG)["qweight"].shape == (32, 64)
-    with pytest.raises(MixedError, match="act-order GPTQ experts"):
-        GPTQ_INT4.expert_params(4, 128, 64, 2, GPTQ_ACT_ORDER_QUANT_CONFIG)
+    experts = GPTQ_INT4.expert_params(4, 128, 64, 2, GPTQ_ACT_ORDER_QUANT_CONFIG)
+    assert (experts["w13"]["g_idx"].shape, experts["w2"]["g_idx"].shape) == ((4, 128), (4, 64))
+    assert experts["w13"]["g_idx"].attrs == {"own_loader": "g_idx"} and experts["w13"]["g_idx"].fill == -1
+    assert "g_idx" not in GPTQ_INT4.expert_params(4, 128, 64, 2, GPTQ_QUANT_CONFIG)["w13"]
+
+
+def test_act_order_experts_decode_as_their_members() -> None:
+    """The fallback's stacked act-order decode (each expert with its own
+    g_idx, gate and up side by side as vLLM's loader stacks them) equals
+    the per-member reference decode, at g32 (8 groups)."""
+    qc = {**GPTQ_ACT_ORDER_QUANT_CONFIG, "group_size": 32}
+    gen = torch.Generator().manual_seed(3)
+    stacks: dict[str, list[torch.Tensor]] = {"qweight": [], "qzeros": [], "scales": [], "g_idx": []}
+    expected = []
+    for _ in range(3):
+        gate, up = torch.randn(2, 48, 256, generator=gen, dtype=torch.float64)
+        t_gate = GPTQ_INT4.quantize(gate, qc)
+        t_up = GPTQ_INT4.quantize(up, qc)
+        assert torch.equal(t_gate["g_idx"], t_up["g_idx"])  # one input, one column order
+        for k in ("qweight", "qzeros", "scales"):
+            stacks[k].append(torch.cat([t_gate[k], t_up[k]], dim=1))
+        stacks["g_idx"].append(t_gate["g_idx"])
+        expected.append(torch.cat([GPTQ_INT4.dequantize(t_gate, qc), GPTQ_INT4.dequantize(t_up, qc)]))
+    got = GPTQ_INT4.dequantize_experts({k: torch.stack(v) for k, v in stacks.items()}, qc, torch.float64)
+    assert torch.allclose(got, torch.stack(expected), atol=1e-6)
+    wrong = {k: torch.stack(v) for k, v in stacks.items()} | {"g_idx": torch.arange(256).repeat(3, 1) // 32}
+    assert not torch.allclose(GPTQ_INT4.dequantize_experts(wrong, qc, torch.float64), torch.stack(expected), atol=1e-3)
 
 
 def test_shape_hint_names_gptq_layout() -> None:

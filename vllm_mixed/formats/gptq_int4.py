@@ -1,6 +1,6 @@
 """GPTQ in the v1 checkpoint layout (AutoGPTQ / GPTQModel, read by vLLM's
 ``AutoGPTQConfig``: Machete or Marlin linears, Marlin MoE), 4-bit; the 8-bit
-variant (``gptq_int8``) subclasses it. Both read ``desc_act: true``.
+variant (``gptq_int8``) subclasses it. Both read ``desc_act: true`` and GPTQModel's negative ``dynamic`` rules (``gptq_dynamic``).
 
 Per quantized linear with K inputs, N outputs, group size g and p = 32 // bits
 values per word: ``qweight`` int32 [K/p, N] (p values along K, lowest bits
@@ -21,12 +21,13 @@ import torch
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats.base import ExpertParam, ExportScheme, Format, LinearParam, TensorSpec, TinyLayout
+from vllm_mixed.formats.gptq_dynamic import dynamic_problems, skipped_by_dynamic
 from vllm_mixed.formats.gptq_pack import act_order_g_idx, dequantize_stacked, fp16_scale, pack_bits, unpack_bits
 from vllm_mixed.formats.gptq_rules import gptq_linear_rule, gptq_moe_rule
 from vllm_mixed.parallel import HOPPER
 
 if TYPE_CHECKING:
-    from vllm_mixed.models.base import Geometry
+    from vllm_mixed.models.base import Geometry, Layer
     from vllm_mixed.parallel import LinearShard, Parallel
 
 __all__ = [
@@ -112,8 +113,13 @@ class GptqInt4(Format):
         g = quant_config.get("group_size")
         if not isinstance(g, int) or isinstance(g, bool) or (g <= 0 and g != -1):
             problems.append(f"group_size={g!r} (needs a positive group size such as 128, or -1: channelwise)")
+        problems += dynamic_problems(quant_config)
         if problems:
             raise MixedError(f"{where}: unsupported GPTQ checkpoint: " + "; ".join(problems))
+
+    def converts(self, quant_config: dict[str, Any] | None, layer: Layer, where: str) -> bool:
+        """Not a layer a negative ``dynamic`` rule names (GPTQModel leaves it in float)."""
+        return super().converts(quant_config, layer, where) and not skipped_by_dynamic(quant_config, layer, where)
 
     def precision(self, quant_config: dict[str, Any] | None, dtype: str = "bfloat16") -> str:
         g = group_size(quant_config)
@@ -199,7 +205,14 @@ class GptqInt4(Format):
         self, tensors: dict[str, torch.Tensor], quant_config: dict[str, Any] | None, out_dtype: torch.dtype
     ) -> torch.Tensor:
         q, z, s = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-        return dequantize_stacked(q, z, s, group_size(quant_config), torch.float32, out_dtype, bits=self.bits)
+        if "g_idx" not in tensors:
+            return dequantize_stacked(q, z, s, group_size(quant_config), torch.float32, out_dtype, bits=self.bits)
+        g_idx = tensors["g_idx"]  # act-order: one expert at a time, each with its own column order
+        return torch.stack([
+            self.dequantize({"qweight": q[e], "qzeros": z[e], "scales": s[e], "g_idx": g_idx[e]}, quant_config,
+                            torch.float32).to(out_dtype)
+            for e in range(q.shape[0])
+        ])  # fmt: skip
 
     # --- vLLM ----------------------------------------------------------------------------------------------------
     def vllm_methods(self) -> tuple[str, str]:
@@ -293,19 +306,14 @@ class GptqInt4(Format):
     def expert_params(
         self, experts: int, hidden: int, inter: int, w13_shards: int, quant_config: dict[str, Any] | None
     ) -> dict[str, dict[str, ExpertParam]]:
-        """As AutoGPTQMoEMethod registers them: transposed, GROUP-loaded."""
-        if act_order(quant_config):
-            raise MixedError(
-                "act-order GPTQ experts (desc_act: true) have no CPU path: vLLM >= 0.27 has no act-order kernel and "
-                "its expert loader keeps no g_idx. Route the experts to a desc_act: false, AWQ or bf16 source (act-order "
-                "attention and MLP linears do run, dequantized)"
-            )
+        """As AutoGPTQMoEMethod registers them: transposed, GROUP-loaded; with act-order a ``g_idx`` per
+        expert shared by gate and up (as vLLM 0.26's Marlin MoE), for the fallback's ``own_loader``."""
         g, p = group_size(quant_config), self.per_word
         inter2 = w13_shards * inter
         g13, g2 = hidden // group_length(quant_config, hidden), inter // group_length(quant_config, inter)
         attrs = {"quant_method": "group" if g != -1 else "channel", "is_transposed": True}
         i32 = torch.int32
-        return {
+        params = {
             "w13": {
                 "qweight": ExpertParam((experts, hidden // p, inter2), i32, attrs),
                 "scales": ExpertParam((experts, g13, inter2), None, attrs),
@@ -317,6 +325,10 @@ class GptqInt4(Format):
                 "qzeros": ExpertParam((experts, g2, hidden // p), i32, attrs),
             },
         }
+        if act_order(quant_config):  # -1: never loaded (dequantize says so)
+            params["w13"]["g_idx"] = ExpertParam((experts, hidden), i32, {"own_loader": "g_idx"}, fill=-1)
+            params["w2"]["g_idx"] = ExpertParam((experts, inter), i32, {"own_loader": "g_idx"}, fill=-1)
+        return params
 
     # --- tensor-parallel rules (gptq_rules restates vLLM 0.26's CUDA checks) -----------------------------------
     def linear_rule(

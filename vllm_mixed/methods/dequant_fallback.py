@@ -30,6 +30,7 @@ from vllm.model_executor.parameter import (
 )
 from vllm.model_executor.utils import set_weight_attrs
 
+from vllm_mixed.errors import MixedError
 from vllm_mixed.formats.base import Format
 
 __all__ = ["DequantFallbackLinearMethod", "DequantFallbackMoEMethod"]
@@ -118,8 +119,36 @@ class DequantFallbackMoEMethod(UnquantizedFusedMoEMethod):
             for suffix, p in params.items():
                 param = torch.nn.Parameter(_empty(p.shape, p.dtype or params_dtype, p.fill), requires_grad=False)
                 layer.register_parameter(f"{prefix}_{suffix}", param)
-                set_weight_attrs(param, {**extra, **p.attrs})
+                attrs = {**extra, **p.attrs}
+                if attrs.pop("own_loader", None) == "g_idx":
+                    attrs["weight_loader"] = self._g_idx_loader(f"{prefix}_{suffix}")
+                set_weight_attrs(param, attrs)
         layer.fallback_params = {prefix: list(params) for prefix, params in specs.items()}
+
+    def _g_idx_loader(self, name: str) -> Any:
+        """The loader of an act-order ``g_idx`` per expert (vLLM >= 0.27's
+        expert loader has no case for it): gate and up share the row and must
+        agree; at TP 1 without expert parallelism only (with act-order each
+        rank's down projection needs every group's scales, which vLLM's loader
+        splits)."""
+        if self.moe.tp_size > 1 or self.moe.use_ep:
+            raise MixedError(
+                f"act-order GPTQ experts ({name}) run on the CPU fallback at tensor_parallel_size 1 without expert "
+                "parallelism only: route them to a desc_act: false, AWQ or bf16 source, or serve at TP 1"
+            )
+
+        def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
+            row = param.data[expert_id]
+            loaded_weight = loaded_weight.to(row.dtype)
+            if shard_id != "w2" and int(row.min()) >= 0 and not torch.equal(row, loaded_weight):
+                raise MixedError(
+                    f"{weight_name}: the gate and up projections of expert {expert_id} have different g_idx; vLLM's "
+                    "MoE kernels keep one column order per expert (GPTQ gives projections of one input the same)"
+                )
+            row.copy_(loaded_weight)
+            return True if return_success else None
+
+        return load
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         weights, drop = {}, []
