@@ -119,13 +119,19 @@ def test_pure_channelwise_gptq_llama_equals_stock_vllm(tmp_path):
     assert mixed["greedy"] == stock["greedy"]
 
 
-def test_mixtral_channelwise_gptq_experts_match_reference(tmp_path):
+def mixtral_gptq_experts(tmp_path, fmt):
+    """The tiny Mixtral with its experts from ``fmt``'s tiny checkpoint, the
+    rest BF16: (root, plan, its vLLM run)."""
     root = tmp_path / "mixtral"
-    make_tiny(root, arch="mixtral", formats=(UNQUANTIZED, channelwise_tiny()))
-    rules = [{"targets": ["model.layers.*.block_sparse_moe.experts"], "source": "int4c"}]
-    plan = recipe(root, tmp_path, "mix", {"bf16": "bf16", "int4c": "gptq-int4-channel"}, "bf16", rules)
+    make_tiny(root, arch="mixtral", formats=(UNQUANTIZED, fmt))
+    rules = [{"targets": ["model.layers.*.block_sparse_moe.experts"], "source": fmt.tiny.source}]
+    plan = recipe(root, tmp_path, "mix", {"bf16": "bf16", fmt.tiny.source: fmt.tiny.directory}, "bf16", rules)
+    return root, plan, run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
+
+
+def test_mixtral_channelwise_gptq_experts_match_reference(tmp_path):
+    _, plan, result = mixtral_gptq_experts(tmp_path, channelwise_tiny())
     assert {p.precision for p in plan.layers if p.layer.kind == "experts"} == {"int4-channel"}
-    result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
     assert "experts <- source 'int4c' (gptq_int4) via" in result["log"]
     top1, worst = agreement(plan, TEACHER, result["teacher"])
     assert top1 >= 0.90 and worst <= 0.15, (top1, worst)
@@ -134,20 +140,17 @@ def test_mixtral_channelwise_gptq_experts_match_reference(tmp_path):
 def layer_tensors(layer) -> dict[str, dict[str, torch.Tensor]]:
     """A planned layer's checkpoint tensors by member and suffix."""
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for info in layer.tensors:
-        member, suffix = info.name.rsplit(".", 1)
-        with safe_open(str(info.file), framework="pt") as f:
-            out.setdefault(member, {})[suffix] = f.get_tensor(info.name)
+    for file in {info.file for info in layer.tensors}:  # each shard opened once
+        with safe_open(str(file), framework="pt") as f:
+            for info in (i for i in layer.tensors if i.file == file):
+                member, suffix = info.name.rsplit(".", 1)
+                out.setdefault(member, {})[suffix] = f.get_tensor(info.name)
     return out
 
 
 def test_mixtral_act_order_experts_match_reference(tmp_path):
-    root = tmp_path / "mixtral"
-    make_tiny(root, arch="mixtral", formats=(UNQUANTIZED, act_order_tiny()))
-    rules = [{"targets": ["model.layers.*.block_sparse_moe.experts"], "source": "int4a"}]
-    plan = recipe(root, tmp_path, "mix", {"bf16": "bf16", "int4a": "gptq-int4-actorder"}, "bf16", rules)
+    root, plan, result = mixtral_gptq_experts(tmp_path, act_order_tiny())
     assert {p.precision for p in plan.layers if p.layer.kind == "experts"} == {"int4-g128-actorder"}
-    result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
     assert "experts <- source 'int4a' (gptq_int4) via DequantFallbackMoEMethod" in result["log"]
     top1, worst = agreement(plan, TEACHER, result["teacher"])
     assert top1 >= 0.90 and worst <= 0.15, (top1, worst)

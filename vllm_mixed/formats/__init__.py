@@ -13,8 +13,8 @@ from typing import Any
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats.awq import AWQ
 from vllm_mixed.formats.base import Format, TensorSpec
-from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_tiny
-from vllm_mixed.formats.ct_w4a16 import CT_W4A16, w4a16_tiny
+from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_config
+from vllm_mixed.formats.ct_w4a16 import CT_W4A16, w4a16_config
 from vllm_mixed.formats.fp8_block import FP8_BLOCK
 from vllm_mixed.formats.gptq_int4 import GPTQ_INT4
 from vllm_mixed.formats.gptq_int8 import GPTQ_INT8
@@ -51,9 +51,9 @@ TINY_FORMATS: tuple[Format, ...] = (UNQUANTIZED, FP8_BLOCK, GPTQ_INT4)
 # the other published configs of registered formats that `make-tiny --formats` writes, by directory name
 TINY_VARIANTS: tuple[Format, ...] = (
     act_order_tiny(), channelwise_tiny(),
-    w4a16_tiny("ct-w4a16-asym-g64", "ctint4a", group_size=64, symmetric=False),
-    fp8_tiny("ct-fp8-tensor-static", "ctfp8s", weights="tensor", activations="static"),
-    fp8_tiny("ct-fp8-block", "ctfp8b", weights="block"),
+    CT_W4A16.with_tiny("ct-w4a16-asym-g64", w4a16_config(group_size=64, symmetric=False), "ctint4a"),
+    CT_FP8.with_tiny("ct-fp8-tensor-static", fp8_config(weights="tensor", activations="static"), "ctfp8s"),
+    CT_FP8.with_tiny("ct-fp8-block", fp8_config(weights="block"), "ctfp8b"),
 )  # fmt: skip
 
 

@@ -108,6 +108,13 @@ class Format:
     #: compute capability (``kernel_choice`` asks vLLM for it; absent: vLLM's choice)
     moe_kernels: ClassVar[dict[int, str]] = {}
 
+    def with_tiny(self, directory: str, quant_config: QuantConfig, source: str) -> Format:
+        """This format with the tiny layout of another published config (the
+        same float dtype): for ``make-tiny --formats``, tests and the oracles."""
+        fmt = type(self)()
+        fmt.tiny = TinyLayout(directory, quant_config, self.tiny.float_dtype, source)
+        return fmt
+
     # --- detection ---------------------------------------------------------------------------------------------
     def claims(self, quant_config: dict[str, Any]) -> bool:
         """Whether a checkpoint's (non-empty) ``quantization_config`` is this format's."""

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from vllm_mixed.models.base import Geometry, Layer
     from vllm_mixed.parallel import LinearShard, Parallel
 
-__all__ = ["CT_FP8", "CT_FP8_QUANT_CONFIG", "fp8_config", "fp8_tiny"]
+__all__ = ["CT_FP8", "CT_FP8_QUANT_CONFIG", "fp8_config"]
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 SCALE_DTYPES = ("BF16", "F16", "F32")
@@ -370,12 +370,3 @@ class CtFp8(Format):
 
 
 CT_FP8 = CtFp8()
-
-
-def fp8_tiny(directory: str, source: str, **config: Any) -> CtFp8:
-    """The format with a tiny layout of another published FP8 config
-    (``fp8_config``'s arguments: per-tensor static, 128x128 block), for
-    ``make-tiny --formats`` and the oracles."""
-    fmt = CtFp8()
-    fmt.tiny = TinyLayout(directory, fp8_config(**config), "bfloat16", source)
-    return fmt

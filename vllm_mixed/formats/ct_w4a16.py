@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from vllm_mixed.models.base import Geometry, Layer
     from vllm_mixed.parallel import LinearShard, Parallel
 
-__all__ = ["CT_W4A16", "CT_W4A16_QUANT_CONFIG", "w4a16_config", "w4a16_tiny"]
+__all__ = ["CT_W4A16", "CT_W4A16_QUANT_CONFIG", "w4a16_config"]
 
 PER_WORD, OFFSET, QMIN, QMAX = 8, 8, -8, 7
 SCALE_DTYPES = ("BF16", "F16", "F32")
@@ -345,12 +345,3 @@ class CtW4A16(Format):
 
 
 CT_W4A16 = CtW4A16()
-
-
-def w4a16_tiny(directory: str, source: str, **config: Any) -> CtW4A16:
-    """The format with a tiny layout of another published W4A16 config
-    (``w4a16_config``'s arguments: e.g. group 64 asymmetric), for
-    ``make-tiny --formats`` and the oracles."""
-    fmt = CtW4A16()
-    fmt.tiny = TinyLayout(directory, w4a16_config(**config), "bfloat16", source)
-    return fmt

@@ -67,8 +67,8 @@ def skipped_by_dynamic(quant_config: dict[str, Any] | None, layer: Layer, where:
     for negative, regex, _ in _rules(quant_config):
         if re.match(regex, layer.name):
             return negative
-        if negative and any(re.match(regex, m.name) for m in layer.members):
-            hit = next(m.name for m in layer.members if re.match(regex, m.name))
+        hit = next((m.name for m in layer.members if re.match(regex, m.name)), None) if negative else None
+        if hit is not None:
             raise MixedError(
                 f"{where}: dynamic rule '-:{regex}' leaves {hit!r} unquantized but not the fused layer "
                 f"{layer.name!r} it belongs to; vLLM matches rules against the fused name and would read it "

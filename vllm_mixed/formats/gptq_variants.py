@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_mixed.formats.base import TinyLayout
-from vllm_mixed.formats.gptq_int4 import GPTQ_QUANT_CONFIG, GptqInt4
+from vllm_mixed.formats.gptq_int4 import GPTQ_INT4, GPTQ_QUANT_CONFIG, GptqInt4
 
 __all__ = ["GPTQ_ACT_ORDER_QUANT_CONFIG", "GPTQ_CHANNELWISE_QUANT_CONFIG", "act_order_tiny", "channelwise_tiny"]
 
@@ -20,9 +19,7 @@ def act_order_tiny() -> GptqInt4:
     """The 4-bit format with a tiny layout of an act-order checkpoint
     (``DIR/gptq-int4-actorder``, source ``int4a``): the same registered
     format, another published config (for tests and the GPU oracle)."""
-    fmt = GptqInt4()
-    fmt.tiny = TinyLayout("gptq-int4-actorder", GPTQ_ACT_ORDER_QUANT_CONFIG, "float16", "int4a")
-    return fmt
+    return GPTQ_INT4.with_tiny("gptq-int4-actorder", GPTQ_ACT_ORDER_QUANT_CONFIG, "int4a")
 
 
 # channelwise act-order, as TheBloke's main-branch GPTQ checkpoints declare it (Mixtral-8x7B-Instruct:
@@ -34,6 +31,4 @@ GPTQ_CHANNELWISE_QUANT_CONFIG: dict[str, Any] = {**GPTQ_QUANT_CONFIG, "group_siz
 def channelwise_tiny() -> GptqInt4:
     """The 4-bit format with a tiny layout of a channelwise act-order
     checkpoint (``DIR/gptq-int4-channel``, source ``int4c``)."""
-    fmt = GptqInt4()
-    fmt.tiny = TinyLayout("gptq-int4-channel", GPTQ_CHANNELWISE_QUANT_CONFIG, "float16", "int4c")
-    return fmt
+    return GPTQ_INT4.with_tiny("gptq-int4-channel", GPTQ_CHANNELWISE_QUANT_CONFIG, "int4c")
