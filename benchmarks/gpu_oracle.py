@@ -113,13 +113,16 @@ def run(
 
 def plugin_backend(format_name: str) -> str:
     """The MoE backend the plugin asks for this format's experts on this GPU
-    (``kernel_choice``'s measured table), for the stock run it is compared with."""
+    (``kernel_choice``'s measured table), for the stock run it is compared with.
+    Under ``VLLM_BATCH_INVARIANT`` vLLM refuses Humming and the plugin falls
+    back to vLLM's own choice, so stock gets vLLM's own choice too."""
     import torch
+    from vllm import envs
 
     from vllm_mixed.formats import get_format
     from vllm_mixed.vllm_compat import moe_backend_available
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or envs.VLLM_BATCH_INVARIANT:
         return "auto"
     major, minor = torch.cuda.get_device_capability()
     name = get_format(format_name).moe_kernels.get(10 * major + minor)

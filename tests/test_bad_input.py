@@ -328,6 +328,18 @@ def test_act_order_g_idx_missing(variants: Any, capsys: pytest.CaptureFixture[st
     assert "the config declares desc_act: true (act-order), whose column-to-group map is this tensor" in err
 
 
+def test_act_order_export_refused(variants: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Act-order groups are not contiguous: only compressed-tensors'
+    ``weight_g_idx`` could carry them, which vLLM 0.32 does not read."""
+    out = tmp_path / "export"
+    rc = main(["export", str(variants.recipe(default="int4a")), "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err
+    assert "source 'int4a'" in err and "desc_act: true is not exported" in err
+    assert "route these layers to a desc_act: false checkpoint" in err.lower()
+    assert not out.exists() or not list(out.glob("*.safetensors"))
+
+
 # --- compressed-tensors sources ---------------------------------------------------------------------------------
 
 from vllm_mixed.formats.ct_fp8 import CT_FP8, fp8_config  # noqa: E402

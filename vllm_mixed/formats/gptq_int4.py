@@ -356,8 +356,9 @@ class GptqInt4(Format):
             )
         if act_order(quant_config):
             raise MixedError(
-                f"{where}: GPTQ with desc_act: true is not exported; pack-quantized here has no column permutation "
-                "(act-order g_idx). Route these layers to a desc_act: false checkpoint, or to the bf16/fp8 source"
+                f"{where}: GPTQ with desc_act: true is not exported; its groups are not contiguous, which "
+                "compressed-tensors can only write as weight_g_idx (actorder: group), and vLLM 0.32 no longer "
+                "reads that. Route these layers to a desc_act: false checkpoint, or to the bf16/fp8 source"
             )
         g = group_size(quant_config)
         strategy = QuantizationStrategy.CHANNEL if g == -1 else QuantizationStrategy.GROUP
