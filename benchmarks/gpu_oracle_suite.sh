@@ -11,7 +11,9 @@
 # written inside one device call; a job that is not started by then is listed as skipped. Each job's rows
 # (teacher logprobs included) and logs go into ONE archive, $OUT/oracles.tgz (the device returns only a
 # handful of files), and its table is printed. variants, int8, ct and ct-rest take :ARCH (e.g. ct:mixtral): the
-# same checks on that make-tiny architecture (default Qwen3-MoE).
+# same checks on that make-tiny architecture (default Qwen3-MoE); variants, int8 and ct also take =LIST, the
+# recipes (variants, int8) or checkpoints (ct) to run, e.g. variants:llama=all-int4-actorder,all-int8 or
+# ct:qwen3=ct-fp8-tensor-static,ct-fp8-block (a pure recipe brings its stock row).
 set -u
 jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(variants ct qwen2 mixtral qwen2-moe llama qwen3)
 parallel=${ORACLE_PARALLEL:-3}
@@ -23,7 +25,9 @@ run_job() {
     *@repeat) e=(ORACLE_EXTRA=--repeat-stock); j=${j%@repeat} ;;
     *@invariant) e=(ORACLE_EXTRA=--repeat-stock VLLM_BATCH_INVARIANT=1); j=${j%@invariant} ;;
   esac
-  local arch=()
+  local arch=() pick=()
+  case $j in variants*=*|int8*=*) pick=(--variant-recipes "${j#*=}"); j=${j%%=*} ;;
+             ct*=*) pick=(--checkpoints "${j#*=}"); j=${j%%=*} ;; esac
   case $j in *:*) arch=(--arch "${j#*:}"); j=${j%%:*} ;; esac
   case $j in
     variants) a=(benchmarks/gpu_oracle.py --variants "${arch[@]}") ;;
@@ -35,7 +39,7 @@ run_job() {
   esac
   d="$root/$(job_dir "$1")"
   mkdir -p "$d/out"
-  env "${e[@]}" bash -c 'timeout "$0" python3 "$@" $ORACLE_EXTRA' "$left" "${a[@]}" --out "$d/out" --work "$d/work" \
+  env "${e[@]}" bash -c 'timeout "$0" python3 "$@" $ORACLE_EXTRA' "$left" "${a[@]}" "${pick[@]}" --out "$d/out" --work "$d/work" \
     > "$d/stdout.txt" 2>&1
   echo "$1 rc=$? (limit ${left}s, ended at ${SECONDS}s)" >> "$root/done.txt"
 }
