@@ -175,6 +175,9 @@ def main() -> None:
     ap.add_argument("--arch", default=None, help="make-tiny --arch name (default: the tiny Qwen3-MoE)")
     ap.add_argument("--repeat-stock", action="store_true",
                     help="run each stock row twice: the kernels' run-to-run gap beside the plugin's gap to stock")  # fmt: skip
+    ap.add_argument("--moe-backend", default=None,
+                    help="every row, stock and plugin, with this --moe-backend (the user's flag, which the plugin "
+                    "obeys), e.g. marlin beside the plugin's own choice")  # fmt: skip
     ap.add_argument("--variants", action="store_true", help="the AWQ / act-order / int8 GPTQ sources instead")
     ap.add_argument("--variant-recipes", default=",".join(VARIANT_RECIPES),
                     help="with --variants: the recipes run (and the stock rows they are compared with)")  # fmt: skip
@@ -217,13 +220,15 @@ def main() -> None:
         # on the int4 MoE backend the plugin picks here (its measured table), so the kernels are the same
         "all-int4": ("stock-gptq", "tiny/gptq-int4", plugin_backend("gptq_int4")),
     }
+    if args.moe_backend:
+        stock_rows = {name: (row, directory, args.moe_backend) for name, (row, directory, _) in stock_rows.items()}
     results = {
         row: run(row, work / directory, "auto", out_dir, moe_backend=backend)
         for name, (row, directory, backend) in stock_rows.items()
         if name in recipes
     }
     for name in recipes:
-        results[name] = run(name, composed[name], "mixed", out_dir)
+        results[name] = run(name, composed[name], "mixed", out_dir, moe_backend=args.moe_backend or "auto")
     repeats = {}  # stock row -> its second run: the kernels' own run-to-run gap, beside the plugin's gap
     for name, (row, directory, backend) in stock_rows.items():
         if args.repeat_stock and name in recipes and results[row]["ok"]:

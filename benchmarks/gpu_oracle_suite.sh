@@ -4,7 +4,8 @@
 # JOB (default: all): variants ct int8 ct-rest qwen2 mixtral qwen2-moe llama qwen3, or ARCH=RECIPES
 # (e.g. llama=all-fp8,mix: only those recipes and their stock rows); an ARCH job ending in @repeat also
 # runs each stock row twice (the kernels' run-to-run gap), @invariant the same with VLLM_BATCH_INVARIANT=1
-# (no split-K / stream-K atomics in vLLM's and Humming's kernels). int8: the 8-bit GPTQ pair and the
+# (no split-K / stream-K atomics in vLLM's and Humming's kernels; vLLM refuses Humming then), @marlin the
+# same with every row, stock and plugin, on --moe-backend marlin. int8: the 8-bit GPTQ pair and the
 # variants mix; ct-rest: the CT W4A16 pairs, the FP8 block pair and the CT mix (the rows the first H200
 # run did not finish). ORACLE_PARALLEL jobs run at once (default 3; each row is one process, the engine
 # inside it at TP 1). Every job ends by SUITE_S seconds after the start (default 540), so the archive is
@@ -24,6 +25,7 @@ run_job() {
   case $j in
     *@repeat) e=(ORACLE_EXTRA=--repeat-stock); j=${j%@repeat} ;;
     *@invariant) e=(ORACLE_EXTRA=--repeat-stock VLLM_BATCH_INVARIANT=1); j=${j%@invariant} ;;
+    *@marlin) e=("ORACLE_EXTRA=--repeat-stock --moe-backend marlin"); j=${j%@marlin} ;;
   esac
   local arch=() pick=()
   case $j in variants*=*|int8*=*) pick=(--variant-recipes "${j#*=}"); j=${j%%=*} ;;
@@ -43,7 +45,10 @@ run_job() {
     > "$d/stdout.txt" 2>&1
   echo "$1 rc=$? (limit ${left}s, ended at ${SECONDS}s)" >> "$root/done.txt"
 }
-job_dir() { local j=${1%%=*}; j=${j/:/-}; case $1 in *@repeat) j+=-repeat ;; *@invariant) j+=-invariant ;; esac; echo "$j"; }
+job_dir() {
+  local j=${1%%=*}; j=${j/:/-}
+  case $1 in *@repeat) j+=-repeat ;; *@invariant) j+=-invariant ;; *@marlin) j+=-marlin ;; esac; echo "$j"
+}
 mkdir -p "$root"
 : > "$root/done.txt"
 for j in "${jobs[@]}"; do
