@@ -13,4 +13,5 @@ printf 'Metadata-Version: 2.1\nName: vllm-mixed\nVersion: 0.1.0\n' > "$info/META
 printf '[vllm.general_plugins]\nmixed = vllm_mixed:register\nbench_hooks = benchmarks.bench_hooks:register\n' > "$info/entry_points.txt"
 export PYTHONPATH="$PWD:$PYTHONPATH"
 python3 -c "from importlib.metadata import entry_points as e; assert any(x.name == 'mixed' for x in e(group='vllm.general_plugins'))"
+bash benchmarks/device_cache.sh restore  # JIT caches carried from an earlier call, if any
 set +e

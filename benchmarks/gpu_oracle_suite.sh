@@ -59,6 +59,7 @@ for j in "${jobs[@]}"; do
   sleep 5  # the first imports of each job do not all land at once
 done
 wait
+bash benchmarks/device_cache.sh save
 cd "$root" && tar czf "$OUT/oracles.tgz" done.txt */stdout.txt */out $(ls -d */work/*rows 2>/dev/null)
 cat done.txt
 for j in "${jobs[@]}"; do
