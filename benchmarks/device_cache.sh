@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lent GPU's JIT caches from one device call to the next, across sessions: every machine is fresh, and
-# the first row of each kernel family spends 65-100 s in vLLM's warm-up compiling Triton (and Humming) kernels
-# that the same bundle on the same kind of card compiles identically again.
+# the first row of each kernel family spends 65-100 s in vLLM's warm-up compiling Triton, Humming or PTX-only
+# kernels that the same bundle on the same kind of card compiles identically again.
 #   bash benchmarks/device_cache.sh save      # at the end of a call: $OUT/device-cache.tgz, if it fits
 #   bash benchmarks/device_cache.sh restore   # device_setup.sh runs it: unpacks .device-cache/device-cache.tgz
 # Between sessions, copy the returned file to .device-cache/ (ignored by git) and carry
@@ -10,7 +10,8 @@
 set -u
 LIMIT_MIB=${DEVICE_CACHE_MIB:-13}
 # in order of worth: each is kept only if the archive still fits with it
-dirs=("$HOME/.triton/cache" "$HOME/.cache/vllm/modelinfos" "$HOME/.cache/humming" "$HOME/.cache/tvm-ffi"
+# (.nv/ComputeCache: the CUDA driver's JIT of PTX-only kernels, compiled again on every fresh machine)
+dirs=("$HOME/.triton/cache" "$HOME/.nv/ComputeCache" "$HOME/.cache/vllm/modelinfos" "$HOME/.cache/humming" "$HOME/.cache/tvm-ffi"
       "$HOME/.cache/vllm/torch_compile_cache")
 case ${1:-} in
   save)
