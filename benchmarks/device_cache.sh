@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The lent GPU's JIT caches from one device call to the next, across sessions: every machine is fresh, and
-# the first row of each kernel family spends 65-100 s in vLLM's warm-up compiling Triton, Humming or PTX-only
-# kernels that the same bundle on the same kind of card compiles identically again.
+# the first row of each kernel family spent 65-100 s between "Model loading took" and the KV cache (2 s for
+# the same kernels later on the same machine): most likely Triton, Humming or PTX-only kernels compiled on
+# first use, which the same bundle on the same kind of card would compile identically again.
 #   bash benchmarks/device_cache.sh save      # at the end of a call: $OUT/device-cache.tgz, if it fits
 #   bash benchmarks/device_cache.sh restore   # device_setup.sh runs it: unpacks .device-cache/device-cache.tgz
 # Between sessions, copy the returned file to .device-cache/ (ignored by git) and carry
