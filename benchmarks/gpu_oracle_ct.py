@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--arch", default=None, help="make-tiny --arch name (default: the tiny Qwen3-MoE)")
     ap.add_argument("--checkpoints", default="ct-w4a16,ct-fp8," + ",".join(CT_VARIANTS) + ",mix",
                     help="the checkpoints whose pure recipe runs against stock vLLM, and mix: the mix's row")  # fmt: skip
+    ap.add_argument("--repeat-stock", action="store_true",
+                    help="run each stock row twice: the kernels' run-to-run gap beside the plugin's gap")  # fmt: skip
     args = ap.parse_args()
     import yaml
 
@@ -78,11 +80,15 @@ def main() -> None:
         plan = plan_of(name, name, [])
         mixed = run(f"mixed-{name}", compose(plan, work / f"composed-{name}"), "mixed", rows_dir)
         stock = run(f"stock-{name}", directory, "auto", rows_dir)
-        row = {"checkpoint": name, "ok": mixed["ok"] and stock["ok"]}
+        row = {"checkpoint": name, "ok": mixed["ok"] and stock["ok"], "mixed_ok": mixed["ok"], "stock_ok": stock["ok"]}
         if row["ok"]:
             row |= {"same_greedy": mixed["tokens"] == stock["tokens"], "max_teacher_logprob_diff": max_gap(mixed, stock),
                     "methods": mixed["methods"], "kernels_mixed": mixed["kernels"],
                     "kernels_stock": stock["kernels"]}  # fmt: skip
+            again = run(f"stock-{name}-again", directory, "auto", rows_dir) if args.repeat_stock else {}
+            if again.get("ok"):
+                row["stock_run_to_run"] = {"same_greedy": again["tokens"] == stock["tokens"],
+                                           "max_logprob_gap": max_gap(again, stock)}  # fmt: skip
         report["pure"].append(row)
     spec = model_named(args.arch) if args.arch else QWEN3_MOE  # its experts (or MLP) in W4A16, attention in FP8
     rules = [{"targets": list(spec.tiny_rules[0]["targets"]), "source": "ct-w4a16"},
@@ -97,9 +103,12 @@ def main() -> None:
     print("\ncheckpoint              same greedy  max |dlogprob| vs stock")
     for row in report["pure"]:
         if not row["ok"]:
-            print(f"{row['checkpoint']:22s}  FAILED")
+            failed = " and ".join(side for side in ("mixed", "stock") if not row[f"{side}_ok"])
+            print(f"{row['checkpoint']:22s}  FAILED ({failed})")
             continue
         print(f"{row['checkpoint']:22s}  {row['same_greedy']!s:11s}  {row['max_teacher_logprob_diff']:.2e}")
+        if "stock_run_to_run" in row:
+            print(f"  stock's second run against its first: {row['stock_run_to_run']}")
         for m in row["methods"]:
             print(f"  {m}")
     print(f"mix vs fp32 reference: {report['mix']}")

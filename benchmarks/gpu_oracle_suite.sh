@@ -2,7 +2,7 @@
 # The tiny-model oracles of the new sources and architectures, on the lent GPU, in one call:
 #   . benchmarks/device_setup.sh && bash benchmarks/gpu_oracle_suite.sh [JOB ...]
 # JOB (default: all): variants ct int8 ct-rest qwen2 mixtral qwen2-moe llama qwen3, or ARCH=RECIPES
-# (e.g. llama=all-fp8,mix: only those recipes and their stock rows); an ARCH job ending in @repeat also
+# (e.g. llama=all-fp8,mix: only those recipes and their stock rows); an ARCH or ct job ending in @repeat also
 # runs each stock row twice (the kernels' run-to-run gap), @invariant the same with VLLM_BATCH_INVARIANT=1
 # (no split-K / stream-K atomics in vLLM's and Humming's kernels; vLLM refuses Humming then), @marlin the
 # same with every row, stock and plugin, on --moe-backend marlin. int8: the 8-bit GPTQ pair and the
