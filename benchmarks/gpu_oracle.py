@@ -232,10 +232,9 @@ def main() -> None:
     repeats = {}  # stock row -> its second run: the kernels' own run-to-run gap, beside the plugin's gap
     for name, (row, directory, backend) in stock_rows.items():
         if args.repeat_stock and name in recipes and results[row]["ok"]:
-            again = run(f"{row}-again", work / directory, "auto", out_dir, moe_backend=backend)
-            if again["ok"]:
-                repeats[row] = {"same_greedy": again["tokens"] == results[row]["tokens"],
-                                "max_logprob_gap": max_gap(again, results[row])}  # fmt: skip
+            gap = run_to_run(row, work / directory, out_dir, results[row], backend)
+            if gap is not None:
+                repeats[row] = gap
 
     oracle = {"all-bf16": "stock-bf16", "all-fp8": "stock-fp8", "all-int4": "stock-gptq"}
     rows = []
@@ -410,6 +409,15 @@ def max_gap(a: dict, b: dict) -> float:
         for pa, pb in zip(seq_a, seq_b, strict=True):
             gap = max([gap, *(abs(pa[t][0] - pb[t][0]) for t in set(pa) & set(pb))])
     return gap
+
+
+def run_to_run(name: str, model: Path, out_dir: Path, first: dict, moe_backend: str = "auto") -> dict | None:
+    """Stock row ``name`` run a second time, against its first run ``first``:
+    the kernels' own run-to-run gap (None when the second run failed)."""
+    again = run(f"{name}-again", model, "auto", out_dir, moe_backend=moe_backend)
+    if not again["ok"]:
+        return None
+    return {"same_greedy": again["tokens"] == first["tokens"], "max_logprob_gap": max_gap(again, first)}
 
 
 def variants_check(final: Path, work: Path, names: list[str], arch: str | None = None) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gpu_oracle import max_gap, run, vs_reference  # noqa: E402  (its child process serves each row)
+from gpu_oracle import max_gap, run, run_to_run, vs_reference  # noqa: E402  (its child process serves each row)
 
 CT_VARIANTS = ("ct-w4a16-asym-g64", "ct-fp8-tensor-static", "ct-fp8-block")  # make-tiny directories
 
@@ -85,10 +85,9 @@ def main() -> None:
             row |= {"same_greedy": mixed["tokens"] == stock["tokens"], "max_teacher_logprob_diff": max_gap(mixed, stock),
                     "methods": mixed["methods"], "kernels_mixed": mixed["kernels"],
                     "kernels_stock": stock["kernels"]}  # fmt: skip
-            again = run(f"stock-{name}-again", directory, "auto", rows_dir) if args.repeat_stock else {}
-            if again.get("ok"):
-                row["stock_run_to_run"] = {"same_greedy": again["tokens"] == stock["tokens"],
-                                           "max_logprob_gap": max_gap(again, stock)}  # fmt: skip
+            gap = run_to_run(f"stock-{name}", directory, rows_dir, stock) if args.repeat_stock else None
+            if gap is not None:
+                row["stock_run_to_run"] = gap
         report["pure"].append(row)
     spec = model_named(args.arch) if args.arch else QWEN3_MOE  # its experts (or MLP) in W4A16, attention in FP8
     rules = [{"targets": list(spec.tiny_rules[0]["targets"]), "source": "ct-w4a16"},
