@@ -14,9 +14,11 @@ import torch
 from vllm_mixed.cli import main
 
 
-def fails(capsys: pytest.CaptureFixture[str], recipe: Path, *extra: str) -> str:
-    """Run ``plan`` expecting bad input; returns stderr."""
-    rc = main([*extra, "plan", str(recipe)])
+def fails(
+    capsys: pytest.CaptureFixture[str], recipe: Path, *extra: str, command: str = "plan", after: tuple[str, ...] = ()
+) -> str:
+    """Run ``command`` (``plan``) on ``recipe`` expecting bad input; returns stderr."""
+    rc = main([*extra, command, str(recipe), *after])
     out, err = capsys.readouterr()
     assert rc == 2, (rc, out, err)
     assert "Traceback" not in out + err
@@ -332,9 +334,7 @@ def test_act_order_export_refused(variants: Any, tmp_path: Path, capsys: pytest.
     """Act-order groups are not contiguous: only compressed-tensors'
     ``weight_g_idx`` could carry them, which vLLM 0.32 does not read."""
     out = tmp_path / "export"
-    rc = main(["export", str(variants.recipe(default="int4a")), "-o", str(out)])
-    _, err = capsys.readouterr()
-    assert rc == 2 and "Traceback" not in err
+    err = fails(capsys, variants.recipe(default="int4a"), command="export", after=("-o", str(out)))
     assert "source 'int4a'" in err and "desc_act: true is not exported" in err
     assert "route these layers to a desc_act: false checkpoint" in err.lower()
     assert not out.exists() or not list(out.glob("*.safetensors"))
