@@ -10,7 +10,8 @@ attention, CUDA graphs, DeepGEMM off). Each row starts
 ``python -m vllm.entrypoints.openai.api_server`` with ``--tensor-parallel-size``
 / ``--data-parallel-size`` / ``--enable-expert-parallel`` as asked, waits for
 ``/health``, then runs vLLM's serving benchmark (random prompts, ``--ignore-eos``)
-once per concurrency, and records TTFT, TPOT, throughput and failed requests.
+once per concurrency, and records TTFT, TPOT, throughput and failed requests
+(``$OUT/serve.json``; the server and client logs in ``$OUT/serve-logs.tgz``).
 For the plugin's rows it also records ``vllm-mixed plan --tp N [--ep]``'s
 verdicts next to what vLLM built (its log), for the multi-GPU issue.
 
@@ -23,9 +24,11 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -77,11 +80,13 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
-def serve_row(spec: str, model: Path, args: argparse.Namespace, out: Path, deadline: float, port: int) -> dict:
+def serve_row(
+    spec: str, model: Path, args: argparse.Namespace, out: Path, logs: Path, deadline: float, port: int
+) -> dict:
     _, variant = gt.parse_row(spec)
     extra, env_extra = gt.VARIANTS[variant] if variant else ([], {})
     tag = re.sub(r"[^\w.-]", "_", spec)
-    log = out / f"serve-{tag}.log"
+    log = logs / f"serve-{tag}.log"
     env = {**os.environ, "VLLM_USE_DEEP_GEMM": "0", "VLLM_MIXED_BENCH_INT_FILL": "1", **env_extra}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            *gt.engine_flags("throughput"), *extra, *layout_flags(args.tp, args.dp, args.ep),
@@ -102,14 +107,14 @@ def serve_row(spec: str, model: Path, args: argparse.Namespace, out: Path, deadl
             if deadline - time.monotonic() < 30:
                 row[f"c{conc}"] = "skipped: call budget"
                 continue
-            res = out / f"serve-{tag}-c{conc}.json"
+            res = logs / f"serve-{tag}-c{conc}.json"
             client = [sys.executable, "-c", CLIENT, str(res), "--backend", "vllm", "--base-url",
                       f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions", "--model", str(model),
                       "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", str(args.input_len),
                       "--random-output-len", str(args.output_len), "--num-prompts", str(args.prompts_per_level * conc),
                       "--max-concurrency", str(conc), "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl",
                       "--seed", "0"]  # fmt: skip
-            rc = run_isolated(client, out / f"serve-{tag}-c{conc}.client.log", deadline - time.monotonic())
+            rc = run_isolated(client, logs / f"serve-{tag}-c{conc}.client.log", deadline - time.monotonic())
             got = json.loads(res.read_text()) if res.exists() else {}
             row[f"c{conc}"] = {k: got.get(k) for k in KEYS} | {"rc": "timeout" if rc is None else rc,
                                                                "errors": got.get("errors")}  # fmt: skip
@@ -150,17 +155,23 @@ def main() -> None:
     for s in specs:
         gt.parse_row(s)
     dirs, _ = gt.model_dirs(work)
+    # the device returns at most 8 files: server and client logs go into one archive, serve.json beside it
+    logs = work / "serve-logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
     rows = []
     for i, spec in enumerate(specs):
         if deadline - time.monotonic() < 120:
             rows.append({"row": spec, "rc": "skipped: call budget"})
             continue
         name, variant = gt.parse_row(spec)
-        row = serve_row(spec, dirs[name], args, out, deadline, 8100 + i)
+        row = serve_row(spec, dirs[name], args, out, logs, deadline, 8100 + i)
         if name.startswith("mix-"):
             row["plan_verdicts"] = gt.plan_verdicts(work / f"{name}.yaml", args.tp, args.ep)
         rows.append(row)
         (out / "serve.json").write_text(json.dumps(rows, indent=1))
+        with tarfile.open(out / "serve-logs.tgz", "w:gz") as tar:
+            tar.add(logs, arcname="serve-logs")
     layout = f"TP {args.tp}" + (f" x DP {args.dp}" if args.dp > 1 else "") + (" EP" if args.ep else "")
     print(f"\n{layout}: {args.input_len} in / {args.output_len} out")
     print(f"{'row':20s}{'conc':>6}{'out tok/s':>11}{'TTFT ms (med)':>15}{'TPOT ms (med)':>15}{'failed':>8}")
