@@ -88,7 +88,9 @@ def _packs_embeddings(dtype: str) -> bool:
     if not getattr(ops, "_supports_onednn", False):
         return False
     try:  # as vLLM's dispatch does; a 64 x 64 handler is freed at once
-        ops.create_onednn_mm(torch.zeros(64, 64, dtype=getattr(torch, dtype)).t(), 32)
+        ops.create_onednn_mm(
+            torch.zeros(64, 64, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]).t(), 32
+        )
     except RuntimeError:
         return False
     return True
