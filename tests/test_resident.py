@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vllm_mixed import resident
+from vllm_mixed.cpu_kernels import onednn_packs
 
 
 def _onednn():
@@ -16,14 +17,6 @@ def _onednn():
     if not getattr(ops, "_supports_onednn", False):
         pytest.skip("this vLLM build has no oneDNN GEMM")
     return ops
-
-
-def _onednn_takes(ops, dtype: torch.dtype) -> bool:
-    try:
-        ops.create_onednn_mm(torch.zeros(64, 64, dtype=dtype).t(), 32)
-    except RuntimeError:
-        return False
-    return True
 
 
 def test_oneDNN_packed_copy_is_counted_as_the_heap_grows():
@@ -36,7 +29,7 @@ def test_oneDNN_packed_copy_is_counted_as_the_heap_grows():
     n, k = 2048, 1024
     # bf16 as vLLM serves it; where oneDNN has no bf16 matmul (an AVX2-only CPU) vLLM's dispatch catches the
     # error and the same handler then only exists for fp32 weights, so the count is checked on those
-    dtype = torch.bfloat16 if _onednn_takes(ops, torch.bfloat16) else torch.float32
+    dtype = torch.bfloat16 if onednn_packs("bfloat16") else torch.float32
     size = torch.finfo(dtype).bits // 8
     before = resident.snapshot()
     module = torch.nn.Module()

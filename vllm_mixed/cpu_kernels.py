@@ -21,7 +21,7 @@ from vllm_mixed.formats import get_format
 if TYPE_CHECKING:
     from vllm_mixed.plan import LoadPlan
 
-__all__ = ["FALLBACK_ENV", "cpu_fallback_reason", "cpu_method_name", "cpu_resident_bytes"]
+__all__ = ["FALLBACK_ENV", "cpu_fallback_reason", "cpu_method_name", "cpu_resident_bytes", "onednn_packs"]
 
 FALLBACK_ENV = "VLLM_MIXED_CPU_FALLBACK"
 FALLBACK_METHODS = {"linear": "DequantFallbackLinearMethod", "experts": "DequantFallbackMoEMethod"}
@@ -62,7 +62,7 @@ def cpu_resident_bytes(plan: LoadPlan) -> int:
     them (it keeps their weight for the lookup and a packed copy for the
     GEMM, on ``embed_tokens`` as on ``lm_head``)."""
     itemsize = 2 if plan.recipe.dtype in ("bfloat16", "float16") else 4
-    embedding_copies = 2 if _packs_embeddings(plan.recipe.dtype) else 1
+    embedding_copies = 2 if onednn_packs(plan.recipe.dtype) else 1
     total = 0
     for p in plan.layers:
         native = (
@@ -74,12 +74,12 @@ def cpu_resident_bytes(plan: LoadPlan) -> int:
 
 
 @cache
-def _packs_embeddings(dtype: str) -> bool:
+def onednn_packs(dtype: str) -> bool:
     """Whether vLLM's CPU GEMM dispatch (``dispatch_cpu_unquantized_gemm``,
     which the vocabulary embeddings' method calls with ``remove_weight=False``)
-    makes a packed copy of a large weight here: with oneDNN (x86, Arm) it does,
-    unless oneDNN refuses the dtype on this CPU (bf16 on an AVX2-only x86), where
-    vLLM catches the error and keeps the plain weight alone."""
+    makes a packed oneDNN copy of a large ``dtype`` weight here: with oneDNN
+    (x86, Arm) it does, unless oneDNN refuses the dtype on this CPU (bf16 on an
+    AVX2-only x86), where vLLM catches the error and keeps the plain weight alone."""
     try:
         import torch
         from vllm import _custom_ops as ops
@@ -87,10 +87,9 @@ def _packs_embeddings(dtype: str) -> bool:
         return False
     if not getattr(ops, "_supports_onednn", False):
         return False
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     try:  # as vLLM's dispatch does; a 64 x 64 handler is freed at once
-        ops.create_onednn_mm(
-            torch.zeros(64, 64, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]).t(), 32
-        )
+        ops.create_onednn_mm(torch.zeros(64, 64, dtype=torch_dtype).t(), 32)
     except RuntimeError:
         return False
     return True

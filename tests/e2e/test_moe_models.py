@@ -79,8 +79,7 @@ def test_qwen2_moe_int4_attention_and_shared_expert_equal_stock_vllm(tiny_root, 
     hybrid = {k: v for k, v in tensors("gptq-int4").items() if experts not in k}
     hybrid |= {k: v for k, v in tensors("bf16").items() if experts in k}
     cfg = json.loads((root / "gptq-int4" / "config.json").read_text())
-    why = cpu_fallback_reason("gptq_int4", "linear", cfg["quantization_config"])
-    if why is not None:  # both sides would need vLLM's CPU int4 GEMM
+    if why := cpu_fallback_reason("gptq_int4", "linear", cfg["quantization_config"]):  # both sides need it
         pytest.skip(f"vLLM's CPU build has no gptq_int4 linear kernel on this CPU: {why}")
     cfg["quantization_config"]["dynamic"] = {r"-:.*mlp\.experts.*": {}}
     write_checkpoint(tmp_path / "stock-ckpt", hybrid, cfg, 2 * 2**20)
