@@ -5,7 +5,8 @@
 # (e.g. llama=all-fp8,mix: only those recipes and their stock rows); an ARCH or ct job ending in @repeat also
 # runs each stock row twice (the kernels' run-to-run gap), @invariant the same with VLLM_BATCH_INVARIANT=1
 # (no split-K / stream-K atomics in vLLM's and Humming's kernels; vLLM refuses Humming then), @marlin the
-# same with every row, stock and plugin, on --moe-backend marlin. int8: the 8-bit GPTQ pair and the
+# same with every row, stock and plugin, on --moe-backend marlin, @a8 the same with every row under
+# VLLM_HUMMING_INPUT_QUANT_CONFIG (Humming's FP8 activations, W4A8, on both sides' Humming experts). int8: the 8-bit GPTQ pair and the
 # variants mix; ct-rest: the CT W4A16 pairs, the FP8 block pair and the CT mix (the rows the first H200
 # run did not finish). ORACLE_PARALLEL jobs run at once (default 3; each row is one process, the engine
 # inside it at TP 1). Every job ends by SUITE_S seconds after the start (default 540), so the archive is
@@ -20,12 +21,14 @@ jobs=("$@"); [ ${#jobs[@]} -eq 0 ] && jobs=(variants ct qwen2 mixtral qwen2-moe 
 parallel=${ORACLE_PARALLEL:-3}
 deadline=$((SECONDS + ${SUITE_S:-540}))
 root=/tmp/oracle-suite
+A8='{"input_dtype": "float8e4m3"}'  # gpu_throughput.py's @a8 rows: Humming quantizes the experts' inputs to FP8
 run_job() {
   local j=$1 left=$2 a d e=()
   case $j in
     *@repeat) e=(ORACLE_EXTRA=--repeat-stock); j=${j%@repeat} ;;
     *@invariant) e=(ORACLE_EXTRA=--repeat-stock VLLM_BATCH_INVARIANT=1); j=${j%@invariant} ;;
     *@marlin) e=("ORACLE_EXTRA=--repeat-stock --moe-backend marlin"); j=${j%@marlin} ;;
+    *@a8) e=(ORACLE_EXTRA=--repeat-stock "VLLM_HUMMING_INPUT_QUANT_CONFIG=$A8"); j=${j%@a8} ;;
   esac
   local arch=() pick=()
   case $j in variants*=*|int8*=*) pick=(--variant-recipes "${j#*=}"); j=${j%%=*} ;;
@@ -47,7 +50,8 @@ run_job() {
 }
 job_dir() {
   local j=${1%%=*}; j=${j/:/-}
-  case $1 in *@repeat) j+=-repeat ;; *@invariant) j+=-invariant ;; *@marlin) j+=-marlin ;; esac; echo "$j"
+  case $1 in *@repeat) j+=-repeat ;; *@invariant) j+=-invariant ;; *@marlin) j+=-marlin ;; *@a8) j+=-a8 ;; esac
+  echo "$j"
 }
 mkdir -p "$root"
 : > "$root/done.txt"
