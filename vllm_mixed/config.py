@@ -32,6 +32,7 @@ from vllm_mixed.kernel_choice import (
 )
 from vllm_mixed.parallel import HOPPER, Parallel
 from vllm_mixed.vllm_compat import (
+    cpu_fp8_bias_as_float32,
     engine_layout,
     is_cpu,
     load_format_being_built,
@@ -149,6 +150,8 @@ class MixedPrecisionConfig(QuantizationConfig):
                         method = native.get_quant_method(layer, prefix)
                     else:
                         method, note = self._native_linear(native, layer, prefix, source)
+                        if is_cpu() and method is not None:
+                            cpu_fp8_bias_as_float32(method)
                 except NotImplementedError as exc:  # vLLM found no kernel (e.g. its CPU WNA16 MoE oracle)
                     if not is_cpu():
                         raise

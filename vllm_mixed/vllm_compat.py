@@ -15,6 +15,7 @@ from vllm_mixed.parallel import Parallel
 
 __all__ = [
     "KERNEL_RULES_RELEASE", "OPTIONAL_UNLOADED_PARAMS", "EngineLayout", "client_errors", "configure_logging_from_args",
+    "cpu_fp8_bias_as_float32",
     "device_type", "engine_layout", "flexible_argument_parser", "is_cpu", "load_format_being_built", "moe_backend_available",
     "normalize_param_name", "openai_server_argv", "prompt_logprob_rows", "prompt_logprobs_options",
     "request_cpu_amx", "routed_experts_cls", "vllm_cli_available",
@@ -48,6 +49,62 @@ def moe_backend_available(name: str) -> bool:
     except ImportError:  # a release without the Humming backend
         return False
     return bool(has_humming())
+
+
+def cpu_fp8_bias_as_float32(method: object) -> None:
+    """vLLM 0.32's CPU FP8 GEMM (``fp8_scaled_mm_cpu``, behind
+    ``CPUFp8BlockScaledMMKernel``) takes bf16 activations with a float32 bias
+    only and fails at the first forward otherwise ("expected scalar type
+    Float but found BFloat16"; stock vLLM so fails on any biased FP8
+    checkpoint, e.g. Qwen2's FP8 q/k/v), where its W4A8 int4 GEMM casts the
+    bias itself. ``method``'s weight processing then ends by making such a
+    layer's bias float32 (the kernel adds it in float32 either way); a
+    vLLM whose op takes the bias (probed once) is left alone."""
+    process = method.process_weights_after_loading  # type: ignore[attr-defined]
+
+    def process_then_cast_bias(layer: object) -> None:
+        process(layer)
+        bias = getattr(layer, "bias", None)
+        kernel = getattr(method, "fp8_linear", None) or getattr(getattr(layer, "scheme", None), "fp8_linear", None)
+        if (
+            bias is not None
+            and type(kernel).__name__ == "CPUFp8BlockScaledMMKernel"
+            and str(bias.dtype) != "torch.float32"
+            and _fp8_cpu_gemm_refuses_bias(str(bias.dtype))
+        ):
+            bias.data = bias.data.float()
+
+    method.process_weights_after_loading = process_then_cast_bias  # type: ignore[attr-defined]
+
+
+@cache
+def _fp8_cpu_gemm_refuses_bias(dtype: str) -> bool:
+    import torch
+    import vllm._custom_ops  # noqa: F401 (registers torch.ops._C)
+
+    op = getattr(getattr(torch.ops, "_C", None), "fp8_scaled_mm_cpu", None)
+    if op is None:
+        return False
+    model_dtype = getattr(torch, dtype.removeprefix("torch."))
+    weight = torch.ops._C.convert_weight_packed(torch.zeros(32, 128, dtype=torch.float8_e4m3fn))
+    x = torch.zeros(1, 128, dtype=model_dtype)
+
+    def runs(bias_dtype: object) -> bool:
+        try:
+            op(
+                x,
+                weight,
+                torch.ones(1, 1, dtype=torch.float32),
+                [128, 128],
+                torch.zeros(32, dtype=bias_dtype),
+                model_dtype,
+                True,
+            )
+        except RuntimeError:
+            return False
+        return True
+
+    return not runs(model_dtype) and runs(torch.float32)
 
 
 @cache
