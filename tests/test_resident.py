@@ -54,3 +54,28 @@ def test_report_line_round_trips():
     back = resident.ResidentReport.parse("INFO noise\n(Worker) INFO " + report.line() + "\nmore")
     assert back == report
     assert resident.ResidentReport.parse("no such line") is None
+
+
+@pytest.mark.parametrize("k,n,group", [(256, 1024, 128), (256, 1024, 64), (256, 1024, 32), (512, 256, 512),
+                                       (2048, 768, 128), (768, 2048, 128)])  # fmt: skip
+def test_w4a8_repack_bytes_are_what_vllms_repack_returns(k, n, group):
+    """The prediction of a 4-bit layer's bytes after vLLM's W4A8 repack
+    (``cpu_kernels.w4a8_bytes``: the experts always, AMX linears) against
+    the tensors vLLM's own ``convert_weight_packed_scale_zp`` returns, for
+    the group sizes the int4 formats publish (Qwen3-30B-A3B's expert shapes
+    among them)."""
+    ops = pytest.importorskip("vllm._custom_ops")
+    if not hasattr(ops, "convert_weight_packed_scale_zp") or not hasattr(
+        torch.ops._C, "convert_weight_packed_scale_zp"
+    ):
+        pytest.skip("this vLLM build has no CPU W4A8 repack")
+    from vllm_mixed.cpu_kernels import w4a8_bytes
+
+    words = torch.randint(0, 2**31 - 1, (k, n // 8), dtype=torch.int32)  # AWQ order, as vLLM hands it over
+    zeros = torch.randint(0, 2**31 - 1, (k // group, n // 8), dtype=torch.int32)
+    scales = torch.rand(k // group, n, dtype=torch.bfloat16)
+    try:
+        packed = ops.convert_weight_packed_scale_zp(words, zeros, scales, ops.CPUQuantAlgo.AWQ)
+    except RuntimeError as exc:  # a build whose repack needs an ISA this CPU lacks
+        pytest.skip(f"vLLM's CPU W4A8 repack does not run here: {exc}")
+    assert sum(t.untyped_storage().nbytes() for t in packed) == w4a8_bytes(n, k, group)

@@ -21,7 +21,10 @@ from vllm_mixed.formats import get_format
 if TYPE_CHECKING:
     from vllm_mixed.plan import LoadPlan
 
-__all__ = ["FALLBACK_ENV", "cpu_fallback_reason", "cpu_method_name", "cpu_resident_bytes", "onednn_packs"]
+__all__ = [
+    "FALLBACK_ENV", "cpu_fallback_reason", "cpu_method_name", "cpu_resident_bytes", "int4_repacked", "onednn_packs",
+    "w4a8_bytes",
+]  # fmt: skip
 
 FALLBACK_ENV = "VLLM_MIXED_CPU_FALLBACK"
 FALLBACK_METHODS = {"linear": "DequantFallbackLinearMethod", "experts": "DequantFallbackMoEMethod"}
@@ -56,8 +59,9 @@ def cpu_resident_bytes(plan: LoadPlan) -> int:
     """The weight bytes the CPU build holds for a plan (what
     ``vllm_mixed.resident`` measures after loading): a layer vLLM runs
     natively keeps the bytes the plan reads for it (its kernel may drop a
-    little: the GPTQ linear's symmetric zero points and ``g_idx``), a
-    dequantized one and every float layer its elements in the model dtype,
+    little: the GPTQ linear's symmetric zero points and ``g_idx``), except
+    4-bit weights vLLM repacks for its W4A8 kernels (:func:`w4a8_bytes`),
+    a dequantized one and every float layer its elements in the model dtype,
     and the vocabulary embeddings twice where vLLM's CPU GEMM dispatch packs
     them (it keeps their weight for the lookup and a packed copy for the
     GEMM, on ``embed_tokens`` as on ``lm_head``)."""
@@ -65,12 +69,51 @@ def cpu_resident_bytes(plan: LoadPlan) -> int:
     embedding_copies = 2 if onednn_packs(plan.recipe.dtype) else 1
     total = 0
     for p in plan.layers:
-        native = (
-            p.fmt.quantized and cpu_fallback_reason(p.format, p.layer.kind, plan.sources[p.source].quant_config) is None
-        )
-        size = p.nbytes if native else itemsize * sum(math.prod(m.shape) for m in p.layer.members)
+        qc = plan.sources[p.source].quant_config
+        native = p.fmt.quantized and cpu_fallback_reason(p.format, p.layer.kind, qc) is None
+        if not native:
+            size = itemsize * sum(math.prod(m.shape) for m in p.layer.members)
+        elif int4_repacked(p.layer.kind, plan.recipe.dtype) and all(
+            p.fmt.int4_group_length(qc or {}, m.shape[1]) for m in p.layer.members
+        ):
+            size = sum(
+                w4a8_bytes(*m.shape, p.fmt.int4_group_length(qc or {}, m.shape[1])) + 4 * m.shape[0] * m.bias
+                for m in p.layer.members
+            )
+        else:
+            size = p.nbytes
         total += size * (embedding_copies if p.layer.kind in ("embedding", "lm_head") and not native else 1)
     return total
+
+
+def int4_repacked(kind: str, dtype: str) -> bool:
+    """Whether vLLM's CPU build repacks a native 4-bit ``kind`` layer for its
+    W4A8 kernels: the MoE experts always (``CPUExpertsInt4`` has no other
+    path), a linear where ``CPUWNA16LinearKernel`` takes it (bf16
+    activations, AMX or RISC-V, ``VLLM_CPU_INT4_W4A8`` not 0); elsewhere the
+    linear keeps the GPTQ words (its W4A16 path) and the bias in the model
+    dtype (the W4A8 path holds it in float32)."""
+    if kind == "experts":
+        return True
+    try:
+        import torch
+        from vllm import envs
+        from vllm.platforms import CpuArchEnum, current_platform
+    except ImportError:
+        return False
+    riscv = current_platform.get_cpu_architecture() == CpuArchEnum.RISCV
+    return bool(envs.VLLM_CPU_INT4_W4A8) and dtype == "bfloat16" and (torch.cpu._is_amx_tile_supported() or riscv)
+
+
+def w4a8_bytes(n: int, k: int, group: int) -> int:
+    """The bytes of an ``n`` x ``k`` 4-bit weight with ``group``-input scale
+    groups after vLLM's W4A8 repack (``convert_weight_packed_scale_zp``,
+    measured on AMX): tiles of 32 outputs x min(group, 128) inputs, each the
+    nibbles plus 32 int32 column sums, and per group and output a float32
+    scale and an int8 zero point (symmetric weights get one too)."""
+    rows = min(group, 128)
+    tiles = math.ceil(n / 32) * math.ceil(k / rows)
+    return tiles * (32 * rows // 2 + 128) + math.ceil(k / group) * math.ceil(n / 32) * 32 * 5
 
 
 @cache

@@ -181,6 +181,10 @@ class Awq(Format):
 
         return AutoAWQConfig.from_config({**quant_config, "quant_method": "awq"})
 
+    def int4_group_length(self, quant_config: dict[str, Any], k: int) -> int | None:
+        g = group_size(quant_config)
+        return k if g == -1 else g
+
     def cpu_kernel(self, kind: str, quant_config: dict[str, Any]) -> str | None:
         """What AutoAWQConfig runs on the CPU build: AutoAWQMarlinLinearMethod
         (choose_mp_linear_kernel for uint4 with zero points: CPUWNA16LinearKernel,

@@ -207,6 +207,12 @@ class Format:
         plugin then runs vLLM's method, else the dequantizing fallback."""
         return None if not self.quantized else f"vLLM has no CPU kernel for {self.name}"
 
+    def int4_group_length(self, quant_config: QuantConfig, k: int) -> int | None:
+        """Input columns per scale group where this format's weights are
+        4-bit integers grouped along the input (a layer with ``k`` inputs),
+        the layout vLLM's CPU int4 kernels repack; ``None`` for any other."""
+        return None
+
     def linear_params(
         self, k: int, parts: list[int], input_size: int, quant_config: QuantConfig
     ) -> dict[str, LinearParam]:

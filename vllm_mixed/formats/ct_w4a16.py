@@ -216,6 +216,9 @@ class CtW4A16(Format):
 
         return CompressedTensorsConfig.from_config(copy.deepcopy(quant_config))  # from_config edits its dict
 
+    def int4_group_length(self, quant_config: dict[str, Any], k: int) -> int | None:
+        return _group(quant_config, k)
+
     def cpu_kernel(self, kind: str, quant_config: dict[str, Any]) -> str | None:
         """The same vLLM checks as GPTQ int4 (``CompressedTensorsWNA16`` asks
         ``choose_mp_linear_kernel``; the MoE method the WNA16 oracle), with

@@ -92,6 +92,9 @@ class GptqInt4(Format):
             return None
         return super().measured_moe_backend(capability, quant_config)
 
+    def int4_group_length(self, quant_config: dict[str, Any], k: int) -> int | None:
+        return group_length(quant_config, k) if self.bits == 4 else None
+
     @property
     def per_word(self) -> int:
         return 32 // self.bits
