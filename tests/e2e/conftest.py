@@ -100,6 +100,18 @@ def run_vllm(model: Path, load_format: str, request: dict, workdir: Path, env: d
     return result
 
 
+def routed_line(plan, short: str) -> str:
+    """The load-log line for the first planned layer named ``short`` (its
+    last name part), with the method ``plan`` predicts for it on this CPU:
+    vLLM's own where this CPU has its kernel (AMX: int4 and FP8 experts),
+    the dequantizing fallback elsewhere."""
+    from vllm_mixed.cpu_kernels import cpu_method_name
+
+    p = next(p for p in plan.layers if p.layer.name.rsplit(".", 1)[-1] == short)
+    method = cpu_method_name(p.format, p.layer.kind, plan.sources[p.source].quant_config)
+    return f"{short} <- source '{p.source}' ({p.format}) via {method}"
+
+
 def max_gap(a: dict, b: dict) -> tuple[float, bool]:
     """Two runs' teacher-forced logprobs: the largest |logprob difference|
     over the tokens both returned, and whether every position's top-1 agrees."""

@@ -17,7 +17,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.e2e.conftest import max_gap, run_vllm
+from tests.e2e.conftest import max_gap, routed_line, run_vllm
 from tests.e2e.test_dense_models import REQUEST, TEACHER, plan_of, tiny_root  # noqa: F401 (a fixture)
 from vllm_mixed.checkpoint_writer import write_checkpoint
 from vllm_mixed.compose import compose
@@ -33,7 +33,7 @@ EXPERTS = {
     "qwen2-moe": ["model.layers.*.mlp.experts", "model.layers.*.mlp.shared_expert.*"],
 }
 # (experts' source, attention's source): int4 experts beside FP8 attention, and the other way round
-# (FP8 block experts, and the shared expert, on the fallback; int4 attention on vLLM's CPU int4 GEMM)
+# (experts on vLLM's CPU MoE kernels with AMX, else on the fallback; int4 attention on vLLM's CPU int4 GEMM)
 MIXES = {"int4-experts": ("int4", "fp8"), "fp8-experts": ("fp8", "int4")}
 
 
@@ -56,7 +56,7 @@ def test_mix_matches_transformers_reference(tiny_root, tmp_path, arch, mix):  # 
     plan = plan_of(root, tmp_path, "bf16", rules)
     assert {p.format for p in plan.layers if p.layer.kind in ("experts", "linear")} == {"gptq_int4", "fp8_block"}
     result = run_vllm(compose(plan, tmp_path / "composed"), "mixed", REQUEST, tmp_path / "mixed")
-    assert "DequantFallbackMoEMethod" in result["log"]
+    assert routed_line(plan, "experts") in result["log"]
     top1, worst = agreement(plan, TEACHER, result["teacher"])
     assert top1 >= 0.90 and worst <= 0.15, (top1, worst)
 
