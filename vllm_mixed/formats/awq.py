@@ -20,6 +20,7 @@ import torch
 
 from vllm_mixed.errors import MixedError
 from vllm_mixed.formats.base import ExpertParam, ExportScheme, Format, LinearParam, TensorSpec, TinyLayout
+from vllm_mixed.formats.gptq_int4 import GPTQ_INT4
 from vllm_mixed.formats.gptq_pack import fp16_scale, pack_bits, unpack_bits
 from vllm_mixed.formats.gptq_rules import MARLIN_GROUPS
 from vllm_mixed.parallel import FAILS, FALLBACK, OK
@@ -190,13 +191,8 @@ class Awq(Format):
         (choose_mp_linear_kernel for uint4 with zero points: CPUWNA16LinearKernel,
         whose op is missing from the AVX2 build) and AutoAWQMoEMethod (the WNA16
         oracle's CPU backends; ZEN_CPU refuses zero points)."""
-        if kind == "experts":
-            from vllm.model_executor.layers.fused_moe.oracle import int_wna16 as oracle
-
-            classes = list(oracle.backend_to_kernel_cls(oracle.WNA16MoEBackend.CPU))
-            if any(c._supports_current_device() for c in classes):
-                return None
-            return f"no int4 MoE experts for this CPU: {', '.join(c.__name__ for c in classes)} do not support it"
+        if kind == "experts":  # the same oracle as GPTQ int4's experts
+            return GPTQ_INT4.cpu_kernel(kind, {"desc_act": False})
         from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
         from vllm.scalar_type import scalar_types
 

@@ -30,10 +30,8 @@ if TYPE_CHECKING:
     from vllm_mixed.models.base import Geometry, Layer
     from vllm_mixed.parallel import LinearShard, Parallel
 
-__all__ = [
-    "GPTQ_INT4", "GPTQ_QUANT_CONFIG", "GptqInt4", "act_order", "dequantize_stacked", "group_length", "pack_int4",
-    "unpack_int4",
-]  # fmt: skip
+__all__ = ["GPTQ_INT4", "GPTQ_QUANT_CONFIG", "GptqInt4", "act_order", "dequantize_stacked", "group_length", "pack_int4",
+           "unpack_int4"]  # fmt: skip
 
 GPTQ_METHODS = ("gptq", "gptq_marlin", "auto_gptq")
 
@@ -251,8 +249,6 @@ class GptqInt4(Format):
         ``cpu_gemm_wna16`` is missing from the AVX2 build, which its checks
         do not see (it would fail at the first forward). Act-order has no
         kernel in vLLM >= 0.27 (its config refuses it)."""
-        import torch
-
         if act_order(quant_config):
             return "vLLM >= 0.27 has no act-order GPTQ kernel (desc_act: true is refused by AutoGPTQConfig)"
         if kind == "experts":
