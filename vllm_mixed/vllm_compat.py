@@ -85,7 +85,9 @@ def _fp8_cpu_gemm_refuses_bias(dtype: str) -> bool:
     op = getattr(getattr(torch.ops, "_C", None), "fp8_scaled_mm_cpu", None)
     if op is None:
         return False
-    model_dtype = getattr(torch, dtype.removeprefix("torch."))
+    model_dtype = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(dtype)
+    if model_dtype is None:
+        return False
     weight = torch.ops._C.convert_weight_packed(torch.zeros(32, 128, dtype=torch.float8_e4m3fn))
     x = torch.zeros(1, 128, dtype=model_dtype)
 
