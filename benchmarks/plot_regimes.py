@@ -5,9 +5,9 @@ that regime (batch 1 as 1000 / ms per token). Panels are drawn with the
 plotter of ``vllm-mixed bench`` (matplotlib or Pillow) and set side by side
 with Pillow. Several files (each a list of rows, or ``{"rows": [...]}``) are
 merged: give one call's file per regime, so that a panel compares rows timed
-in one call.
+in one call; ``FILE:batch1,decode`` takes only those regimes from a file.
 
-Usage: python benchmarks/plot_regimes.py RESULTS.json [RESULTS.json ...] OUT.png
+Usage: python benchmarks/plot_regimes.py RESULTS.json[:REGIMES] [RESULTS.json[:REGIMES] ...] OUT.png
 """
 
 from __future__ import annotations
@@ -29,9 +29,17 @@ LABELS = {"stock-fp8": "stock FP8", "stock-bf16": "stock BF16", "stock-gptq": "s
           "mix-b": "mix B"}  # fmt: skip
 
 
-def read_rows(path: str) -> list[dict]:
+def read_rows(arg: str) -> list[dict]:
+    """A file's rows; ``FILE:REGIMES``: each row keeps only those regimes' numbers."""
+    path, _, only = arg.partition(":")
     data = json.loads(Path(path).read_text())
-    return data["rows"] if isinstance(data, dict) else data
+    rows = data["rows"] if isinstance(data, dict) else data
+    if not only:
+        return rows
+    keep = set(only.split(","))
+    if unknown := keep - set(PANELS):
+        raise SystemExit(f"{arg}: unknown regime(s) {', '.join(sorted(unknown))}; known: {', '.join(PANELS)}")
+    return [{k: v for k, v in r.items() if k not in PANELS or k in keep} for r in rows]
 
 
 def main(results: list[str], png: str, title: str = "Qwen3-30B-A3B shape, H200, vLLM 0.26") -> None:
