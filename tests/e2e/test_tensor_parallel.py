@@ -10,7 +10,9 @@ logprob differences, and greedy continuations equal up to a step where both
 runs show a tie between the two tokens chosen. A wrongly sharded weight,
 scale or expert moves logprobs by far more than this and fails. (On the GPU
 the same mix at TP 2 gives exactly stock vLLM's tokens and logprobs on the
-exported checkpoint: benchmarks/RESULTS.md.)"""
+exported checkpoint: benchmarks/RESULTS.md.) Where vLLM's CPU build has
+int4 MoE kernels (AMX), stock vLLM at TP 2 on the same weights is the
+oracle too: identical."""
 
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ import random
 
 import pytest
 
-from tests.e2e.conftest import run_vllm, write_recipe
+from tests.e2e.conftest import max_gap, run_vllm, write_recipe
+from tests.e2e.test_cpu_native import skip_without_kernel, splice
 from vllm_mixed.compose import compose
+from vllm_mixed.formats.gptq_int4 import GPTQ_QUANT_CONFIG
 from vllm_mixed.plan import build_plan
 from vllm_mixed.recipe import load_recipe
 
@@ -87,3 +91,17 @@ def test_tp2_greedy_matches_tp1_up_to_ties(runs):
         assert abs(lp1[a] - lp1[b]) <= TIE and abs(lp2[a] - lp2[b]) <= TIE, evidence
         diverged.append(evidence)
     assert len(diverged) <= len(REQUEST["greedy"]) // 2, diverged
+
+
+def test_tp2_equals_stock_vllm_at_tp2(runs, tiny_dirs, tmp_path):
+    """With vLLM's CPU int4 MoE kernels (AMX) the plugin's experts run vLLM's
+    own sharded method: stock vLLM at TP 2 on one GPTQ checkpoint spliced from
+    the plan's tensors gives the plugin's TP 2 greedy tokens and teacher-forced
+    logprobs exactly (the multi-GPU issue's oracle, on two CPU ranks)."""
+    skip_without_kernel("gptq_int4", "experts", GPTQ_QUANT_CONFIG)
+    plan = build_plan(load_recipe(write_recipe(tiny_dirs, "mix", tmp_path)))
+    stock = run_vllm(splice(plan, tmp_path), "auto", {**REQUEST, "tp": 2}, tmp_path / "stock")
+    assert all("tensor_parallel_size=2" in r["log"] and "CPUExpertsInt4" in r["log"] for r in (stock, runs[2]))
+    gap, same_top1 = max_gap(runs[2], stock)
+    assert same_top1 and gap <= 1e-5, gap
+    assert runs[2]["greedy"] == stock["greedy"]
