@@ -71,15 +71,11 @@ def cpu_resident_bytes(plan: LoadPlan) -> int:
     for p in plan.layers:
         qc = plan.sources[p.source].quant_config
         native = p.fmt.quantized and cpu_fallback_reason(p.format, p.layer.kind, qc) is None
+        groups = [p.fmt.int4_group_length(qc or {}, m.shape[1]) for m in p.layer.members] if native else []
         if not native:
             size = itemsize * sum(math.prod(m.shape) for m in p.layer.members)
-        elif int4_repacked(p.layer.kind, plan.recipe.dtype) and all(
-            p.fmt.int4_group_length(qc or {}, m.shape[1]) for m in p.layer.members
-        ):
-            size = sum(
-                w4a8_bytes(*m.shape, p.fmt.int4_group_length(qc or {}, m.shape[1])) + 4 * m.shape[0] * m.bias
-                for m in p.layer.members
-            )
+        elif all(groups) and int4_repacked(p.layer.kind, plan.recipe.dtype):
+            size = sum(w4a8_bytes(*m.shape, g) + 4 * m.shape[0] * m.bias for m, g in zip(p.layer.members, groups))
         else:
             size = p.nbytes
         total += size * (embedding_copies if p.layer.kind in ("embedding", "lm_head") and not native else 1)

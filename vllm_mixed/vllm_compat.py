@@ -69,7 +69,6 @@ def cpu_fp8_bias_as_float32(method: object) -> None:
         if (
             bias is not None
             and type(kernel).__name__ == "CPUFp8BlockScaledMMKernel"
-            and str(bias.dtype) != "torch.float32"
             and _fp8_cpu_gemm_refuses_bias(str(bias.dtype))
         ):
             bias.data = bias.data.float()
@@ -86,7 +85,7 @@ def _fp8_cpu_gemm_refuses_bias(dtype: str) -> bool:
     if op is None:
         return False
     model_dtype = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(dtype)
-    if model_dtype is None:
+    if model_dtype is None:  # float32 and anything else: nothing to cast
         return False
     weight = torch.ops._C.convert_weight_packed(torch.zeros(32, 128, dtype=torch.float8_e4m3fn))
     x = torch.zeros(1, 128, dtype=model_dtype)
